@@ -1,0 +1,29 @@
+# Sourced by the run-* scripts: create/refresh the project's virtual environment and set
+# the offline, quiet environment every tool here expects.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${BONEDAMAGE_PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV="${BONEDAMAGE_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.bonedamage-install"
+WANT="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "== installing bonedamage and its pinned dependencies (torch from the local wheel store)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
+    -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VENV/bin/python" -c "import bonedamage, torch, torchvision, dvc" \
+    || { echo "error: the environment in $VENV is incomplete" >&2; exit 1; }
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export DVC_NO_ANALYTICS=1
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+export GX_ANALYTICS_ENABLED=False
+export PYTHONHASHSEED=0

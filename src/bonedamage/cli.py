@@ -1,0 +1,196 @@
+"""The ``bonedamage`` command: one entry point for users, ``dvc.yaml`` and ``MLproject``.
+
+Every subcommand reads its settings from ``params.yaml`` (``--params``); options given on
+the command line override them. Known failures print ``error: <file or field>: <problem>``
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bonedamage import __version__
+from bonedamage.config import ConfigError, load_params, section
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from bonedamage.data.ingest import IngestError
+    from bonedamage.data.manifest import ManifestError
+    from bonedamage.data.synth.generate import SynthError
+    from bonedamage.data.tiling import TilingError
+    from bonedamage.data.volume import VolumeError
+
+    return (ConfigError, IngestError, ManifestError, SynthError, TilingError, VolumeError)
+
+
+def _data_root(args: argparse.Namespace, params: dict) -> Path:
+    return Path(args.data_root or section(params, "data", args.params)["root"])
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Generate the phantom dataset into the data root."""
+    from bonedamage.data.synth.generate import generate_dataset
+
+    params = load_params(args.params)
+    cfg = section(params, "synth", args.params)
+    out = Path(args.out or section(params, "data", args.params)["root"])
+    manifest = generate_dataset(
+        cfg, out, workers=args.workers, progress=not args.no_progress, force=args.force
+    )
+    print(f"wrote {len(manifest)} scans of {manifest['specimen_id'].nunique()} specimens to {out}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Add real scans (TIFF stacks) to the data root with manifest rows."""
+    from bonedamage.data.ingest import IngestError, IngestRequest, ingest_scans, read_batch_csv
+
+    params = load_params(args.params)
+    root = _data_root(args, params)
+    if args.batch:
+        if args.source:
+            raise IngestError("give either a SOURCE scan or --batch CSV, not both")
+        requests = read_batch_csv(
+            Path(args.batch), Path(args.source_root) if args.source_root else None
+        )
+    else:
+        missing = [
+            flag
+            for flag, value in (
+                ("SOURCE", args.source),
+                ("--specimen-id", args.specimen_id),
+                ("--tissue", args.tissue),
+                ("--state", args.state),
+            )
+            if not value
+        ]
+        if missing:
+            raise IngestError(f"missing {', '.join(missing)} (or use --batch CSV)")
+        requests = [
+            IngestRequest(
+                source=Path(args.source),
+                specimen_id=args.specimen_id,
+                tissue=args.tissue,
+                state=args.state,
+                voxel_size_um=args.voxel_size_um,
+                scan_id=args.scan_id,
+                species=args.species,
+                load_step=args.load_step,
+                applied_strain=args.applied_strain,
+            )
+        ]
+    added = ingest_scans(requests, root, progress=not args.no_progress)
+    for row in added.itertuples(index=False):
+        print(f"added {row.scan_id}: {row.path} {row.shape} {row.dtype} {row.voxel_size_um:g} um")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Measure morphometry and damage coverage; write the data metrics JSON."""
+    from bonedamage.data.describe import describe, write_metrics
+
+    params = load_params(args.params)
+    metrics = describe(
+        _data_root(args, params),
+        section(params, "describe", args.params),
+        progress=not args.no_progress,
+    )
+    write_metrics(metrics, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bonedamage",
+        description="Failed-vs-pristine bone tissue from SR-microCT: data, models, explanations.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "synth",
+        parents=[common],
+        help="generate the phantom dataset",
+        description=cmd_synth.__doc__ + " Settings: params.yaml 'synth'. "
+        "The output folder is replaced atomically.",
+    )
+    p.add_argument("--out", help="data root to write (default: params data.root)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes (default: params synth.workers); the output does not depend on it",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace a data root that holds ingested scans"
+    )
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "ingest",
+        parents=[common],
+        help="add real TIFF scans to the data root",
+        description=cmd_ingest.__doc__ + " SOURCE is a multi-page TIFF or a "
+        "folder of one-slice TIFFs (uint8, uint16 or float32). The voxel size "
+        "is read from ImageJ/OME/resolution tags unless --voxel-size-um is given.",
+    )
+    p.add_argument("source", nargs="?", help="scan: multi-page TIFF or folder of slices")
+    p.add_argument("--specimen-id", help="specimen the scan belongs to")
+    p.add_argument("--tissue", choices=["cortical", "trabecular"], help="tissue type")
+    p.add_argument(
+        "--state",
+        choices=["pristine", "intermediate", "failed"],
+        help="mechanical state of the scan",
+    )
+    p.add_argument("--voxel-size-um", type=float, help="isotropic voxel size (overrides tags)")
+    p.add_argument("--scan-id", help="scan id (default: SPECIMEN-STATE)")
+    p.add_argument("--species", default="unknown", help="species (default: %(default)s)")
+    p.add_argument("--load-step", type=int, help="load step index (default: 0 when pristine)")
+    p.add_argument("--applied-strain", type=float, help="applied apparent strain")
+    p.add_argument(
+        "--batch",
+        metavar="CSV",
+        help="CSV of many scans: specimen_id, tissue, "
+        "state, path, voxel_size_um (+ optional scan_id, species, load_step, "
+        "applied_strain); paths relative to the CSV's folder",
+    )
+    p.add_argument(
+        "--source-root", help="folder that batch paths must stay inside (default: the CSV's folder)"
+    )
+    p.add_argument("--data-root", help="data root (default: params data.root)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "describe",
+        parents=[common],
+        help="morphometry and damage coverage of the data root",
+        description=cmd_describe.__doc__ + " Settings: params.yaml 'describe'.",
+    )
+    p.add_argument("--data-root", help="data root (default: params data.root)")
+    p.add_argument("--out", default="metrics/data.json", help="metrics file (default: %(default)s)")
+    p.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

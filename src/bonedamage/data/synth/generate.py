@@ -1,0 +1,322 @@
+"""The ``synth`` stage: write the phantom dataset (scans, damage masks, manifest).
+
+For each tissue and specimen: build the pristine structure once, draw the failure it
+will have, then for every load step sample the (damaged) structure through that step's
+mechanics and a fresh rigid pose, image it, and write the scan and its ground-truth
+damage mask. Specimens are independent (each has its own seed sequence), so the output
+bytes do not depend on the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from bonedamage.atomic import atomic_dir, write_text_atomic
+from bonedamage.data.manifest import (
+    COLUMNS,
+    TISSUES,
+    format_shape,
+    read_manifest,
+    write_manifest,
+)
+from bonedamage.data.synth import cortical, imaging, trabecular
+from bonedamage.data.synth.fields import AxialDeformation, Pose, sample, scan_to_specimen
+from bonedamage.data.volume import write_volume
+
+PHANTOMS_NAME = "phantoms.json"
+_LATERAL_MARGIN = 16
+_Z_MARGIN = 8
+
+
+class SynthError(ValueError):
+    """The synth configuration or output location is unusable."""
+
+
+def state_of(step: float) -> str:
+    return "pristine" if step <= 0 else "failed" if step >= 1 else "intermediate"
+
+
+def severity_of(step: float, yield_step: float) -> float:
+    """Damage severity in [0, 1] at a load step: none before yield, full at failure."""
+    return float(np.clip((step - yield_step) / (1.0 - yield_step), 0.0, 1.0))
+
+
+def generate_dataset(
+    cfg: dict[str, Any],
+    out_root: Path,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> pd.DataFrame:
+    """Generate every specimen of ``cfg`` (the ``synth`` params) into ``out_root``.
+
+    ``out_root`` is replaced as a whole, atomically. It refuses to replace a data root
+    holding ingested (real) scans unless ``force``.
+    """
+    _check_config(cfg)
+    existing = read_manifest(out_root, missing_ok=True) if out_root.exists() else None
+    if existing is not None and (existing["source"] != "synth").any() and not force:
+        kept = existing.loc[existing["source"] != "synth", "scan_id"].tolist()
+        raise SynthError(
+            f"{out_root}: holds ingested scans {kept[:3]}; synth replaces the whole folder. "
+            "Use another --out, or --force to discard them."
+        )
+    if out_root.exists() and not out_root.is_dir():
+        raise SynthError(f"{out_root}: exists and is not a folder")
+    jobs = [(tissue, index) for tissue in TISSUES for index in range(cfg["specimens_per_tissue"])]
+    workers = workers or int(cfg.get("workers", 1))
+    with atomic_dir(out_root) as staging:
+        results = _run(jobs, cfg, staging, workers, progress)
+        rows = [row for result in results for row in result["rows"]]
+        manifest = pd.DataFrame(rows, columns=list(COLUMNS))
+        write_manifest(manifest, staging)
+        phantoms = {r["specimen_id"]: r["meta"] for r in results}
+        write_text_atomic(
+            staging / PHANTOMS_NAME,
+            json.dumps(phantoms, indent=1, sort_keys=True, default=_json_default) + "\n",
+        )
+    return read_manifest(out_root)
+
+
+def _run(
+    jobs: list[tuple[str, int]], cfg: dict[str, Any], staging: Path, workers: int, progress: bool
+) -> list[dict[str, Any]]:
+    bar = tqdm(total=len(jobs), desc="synth specimens", unit="specimen", disable=not progress)
+    results: list[dict[str, Any]] = []
+    try:
+        if workers <= 1:
+            for job in jobs:
+                results.append(generate_specimen(cfg, *job, staging))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(generate_specimen, cfg, *job, staging) for job in jobs]
+                for fut in futures:
+                    results.append(fut.result())
+                    bar.update()
+    finally:
+        bar.close()
+    return results
+
+
+def specimen_seed(cfg: dict[str, Any], tissue: str, index: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(cfg["seed"]), TISSUES.index(tissue), index])
+
+
+def generate_specimen(cfg: dict[str, Any], tissue: str, index: int, root: Path) -> dict[str, Any]:
+    """Write all load steps of one specimen under ``root/<tissue>/``; return rows and metadata."""
+    specimen_id = f"{tissue}-{index + 1:02d}"
+    phantom = build_specimen(cfg, tissue, index)
+    tcfg = cfg[tissue]
+    voxel = float(tcfg["voxel_size_um"])
+    shape = tuple(int(s) for s in tcfg["shape"])
+    rows, scans_meta = [], []
+    folder = root / tissue
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, step in enumerate(cfg["load_steps"]):
+        scan = render_scan(cfg, tissue, phantom, k)
+        state = state_of(step)
+        scan_id = f"{specimen_id}-{k}-{state}"
+        path = folder / f"{scan_id}.tif"
+        mask_path = folder / f"{scan_id}_mask.tif"
+        digest = write_volume(path, iter(scan["image"]), shape, scan["image"].dtype, voxel)
+        write_volume(mask_path, iter(scan["mask"]), shape, np.uint8, voxel, compression="zlib")
+        rows.append(
+            {
+                "scan_id": scan_id,
+                "specimen_id": specimen_id,
+                "tissue": tissue,
+                "species": tcfg["species"],
+                "state": state,
+                "load_step": k,
+                "applied_strain": round(step * float(tcfg["applied_strain_at_failure"]), 6),
+                "voxel_size_um": voxel,
+                "path": f"{tissue}/{path.name}",
+                "mask_path": f"{tissue}/{mask_path.name}",
+                "shape": format_shape(shape),
+                "dtype": str(scan["image"].dtype),
+                "sha256": digest,
+                "source": "synth",
+            }
+        )
+        scans_meta.append({"scan_id": scan_id, **scan["meta"]})
+    meta = {
+        "tissue": tissue,
+        "params": phantom["params"],
+        "instrument": phantom["instrument"],
+        "specimen_radius_vox": phantom["radius"],
+        "failure": phantom["failure_meta"],
+        "scans": scans_meta,
+    }
+    return {"specimen_id": specimen_id, "rows": rows, "meta": meta}
+
+
+def reference_geometry(
+    tcfg: dict[str, Any], max_compaction_vox: float
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Reference-grid shape and the grid index of the scan centre."""
+    nz, ny, nx = (int(s) for s in tcfg["shape"])
+    z_margin = _Z_MARGIN + int(math.ceil(max_compaction_vox / 2 + tcfg["elastic_strain"] * nz))
+    shape = (nz + 2 * z_margin, ny + 2 * _LATERAL_MARGIN, nx + 2 * _LATERAL_MARGIN)
+    origin = np.array(
+        [
+            z_margin + (nz - 1) / 2.0,
+            _LATERAL_MARGIN + (ny - 1) / 2.0,
+            _LATERAL_MARGIN + (nx - 1) / 2.0,
+        ]
+    )
+    return shape, origin
+
+
+def build_specimen(cfg: dict[str, Any], tissue: str, index: int) -> dict[str, Any]:
+    """Pristine structure, instrument and failure of one specimen (deterministic)."""
+    tcfg = cfg[tissue]
+    voxel = float(tcfg["voxel_size_um"])
+    nz = int(tcfg["shape"][0])
+    seq = specimen_seed(cfg, tissue, index)
+    s_struct, s_fail, s_inst, s_scans = (np.random.default_rng(s) for s in seq.spawn(4))
+    if tissue == "trabecular":
+        fcfg = tcfg["failure"]
+        max_h = fcfg["band_height_frac"][1] * nz
+        max_compaction = max_h / (1 - fcfg["band_strain"][1]) * fcfg["band_strain"][1]
+        ref_shape, origin = reference_geometry(tcfg, max_compaction)
+        params = trabecular.draw_params(s_struct, tcfg["structure"])
+        spec = trabecular.build(s_struct, params, ref_shape, voxel)
+        failure = trabecular.draw_failure(s_fail, fcfg, nz, voxel, ref_shape[1:])
+        failure_meta = {k: v for k, v in failure.items() if k != "buckle"}
+    else:
+        ref_shape, origin = reference_geometry(tcfg, 0.0)
+        params = cortical.draw_params(s_struct, tcfg["structure"])
+        spec = cortical.build(s_struct, params, ref_shape, voxel)
+        failure = cortical.draw_failure(s_fail, tcfg["failure"], spec, ref_shape, voxel)
+        failure_meta = {
+            "n_cracks": len(failure["cracks"]),
+            "macro_crack": failure["macro"] is not None,
+            "band_normal": failure["band_normal"],
+            "band_half_width_vox": failure["band_half_width"],
+        }
+    radius_frac = float(s_inst.uniform(*tcfg["specimen_radius_frac"]))
+    instrument = imaging.draw_instrument(s_inst, tcfg["imaging"])
+    return {
+        "tissue": tissue,
+        "spec": spec,
+        "params": spec.params,
+        "failure": failure,
+        "failure_meta": failure_meta,
+        "instrument": instrument,
+        "ref_shape": ref_shape,
+        "origin": origin,
+        "radius": radius_frac * (min(tcfg["shape"][1:]) - 1) / 2.0,
+        "scan_rngs": [
+            np.random.default_rng(s)
+            for s in np.random.SeedSequence(int(s_scans.integers(2**63))).spawn(
+                len(cfg["load_steps"])
+            )
+        ],
+    }
+
+
+def damaged_structures(
+    cfg: dict[str, Any], phantom: dict[str, Any], step: float
+) -> tuple[np.ndarray, AxialDeformation, AxialDeformation, dict[str, Any]]:
+    """Damaged reference occupancy and the damaged/comparison maps of a load step."""
+    tissue, tcfg = phantom["tissue"], cfg[phantom["tissue"]]
+    severity = severity_of(step, cfg["yield_step"])
+    elastic = (
+        float(tcfg["elastic_strain"]) * min(step / cfg["yield_step"], 1.0)
+        if cfg["yield_step"] > 0
+        else float(tcfg["elastic_strain"])
+    )
+    occ = phantom["spec"].occupancy
+    if tissue == "trabecular":
+        occ_dam, n_damage = trabecular.fracture(
+            occ,
+            phantom["failure"],
+            tcfg["failure"],
+            severity,
+            phantom["origin"],
+            float(tcfg["voxel_size_um"]),
+        )
+        deform = trabecular.deformation(phantom["failure"], severity, elastic)
+    else:
+        occ_dam, n_damage = cortical.crack(occ, phantom["failure"], severity)
+        deform = AxialDeformation(elastic=elastic)
+    return (
+        occ_dam,
+        deform,
+        deform.without_damage(),
+        {"severity": severity, "n_damage_features": n_damage, "elastic_strain": elastic},
+    )
+
+
+def render_scan(
+    cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int
+) -> dict[str, Any]:
+    """Image (in the configured dtype) and damage mask (uint8 0/1) of load step ``k``."""
+    tcfg = cfg[tissue]
+    step = float(cfg["load_steps"][k])
+    rng = phantom["scan_rngs"][k]
+    shape = tuple(int(s) for s in tcfg["shape"])
+    pose = Pose.random(rng, **cfg["pose"])
+    occ_dam, deform, compare, meta = damaged_structures(cfg, phantom, step)
+    spec_coords = scan_to_specimen(shape, pose)
+    origin = phantom["origin"]
+    ref_dam = deform.apply(spec_coords)
+    bone = sample(occ_dam, ref_dam, origin)
+    mineral = sample(phantom["spec"].mineral, ref_dam, origin)
+    if meta["severity"] > 0:
+        bone_cmp = sample(phantom["spec"].occupancy, compare.apply(spec_coords), origin)
+        mask = (np.abs(bone - bone_cmp) >= cfg["mask_min_change"]).astype(np.uint8)
+    else:
+        mask = np.zeros(shape, dtype=np.uint8)
+    radial = np.hypot(spec_coords[1], spec_coords[2])
+    inside = np.clip(phantom["radius"] - radial + 0.5, 0.0, 1.0).astype(np.float32)
+    mask &= (inside >= 0.5).astype(np.uint8)
+    del spec_coords, ref_dam, radial
+    icfg = tcfg["imaging"]
+    mu = imaging.attenuation(bone, mineral, inside, icfg)
+    img = imaging.acquire(mu, phantom["instrument"], icfg, rng)
+    out = imaging.quantise(img, cfg["dtype"], tuple(icfg["window"]))
+    fov = imaging.fov_mask(shape[1:])
+    mask &= fov[None].astype(np.uint8)
+    meta.update(
+        pose=pose.as_dict(),
+        damaged_voxels=int(mask.sum()),
+        bone_fraction_in_specimen=float(
+            ((bone >= 0.5) & (inside >= 0.5)).sum() / max(float((inside >= 0.5).sum()), 1.0)
+        ),
+    )
+    return {"image": out, "mask": mask, "meta": meta}
+
+
+def _check_config(cfg: dict[str, Any]) -> None:
+    steps = cfg["load_steps"]
+    if not steps or sorted(steps) != list(steps) or steps[0] != 0.0 or steps[-1] != 1.0:
+        raise SynthError(f"synth.load_steps={steps}: must rise from 0.0 (pristine) to 1.0 (failed)")
+    if cfg["dtype"] not in ("uint8", "uint16", "float32"):
+        raise SynthError(f"synth.dtype={cfg['dtype']!r}: use uint8, uint16 or float32")
+    if int(cfg["specimens_per_tissue"]) < 1:
+        raise SynthError("synth.specimens_per_tissue must be >= 1")
+    for tissue in TISSUES:
+        voxel = cfg[tissue]["voxel_size_um"]
+        if not voxel > 0:
+            raise SynthError(f"synth.{tissue}.voxel_size_um={voxel}: must be > 0")
+        if len(cfg[tissue]["shape"]) != 3 or min(cfg[tissue]["shape"]) < 16:
+            raise SynthError(f"synth.{tissue}.shape={cfg[tissue]['shape']}: need 3 sizes >= 16")
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        return [round(float(v), 6) for v in obj.ravel()]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
