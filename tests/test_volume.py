@@ -110,6 +110,34 @@ def test_voxel_size_from_resolution_tags_in_cm(tmp_path: Path) -> None:
         assert reader.voxel_size_um == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize("dpi", [72.0, 96.0])
+def test_screen_resolution_in_inches_is_not_a_voxel_size(tmp_path: Path, dpi: float) -> None:
+    path = tmp_path / "screen.tif"
+    tifffile.imwrite(
+        path,
+        _volume("uint8"),
+        photometric="minisblack",
+        resolution=(dpi, dpi),
+        resolutionunit="INCH",
+    )
+    with open_volume(path) as reader:
+        assert reader.voxel_size_um is None
+
+
+def test_microscope_resolution_in_inches_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "inch.tif"
+    per_inch = 25400.0 / 5.0  # 5 um pixels
+    tifffile.imwrite(
+        path,
+        _volume("uint8"),
+        photometric="minisblack",
+        resolution=(per_inch, per_inch),
+        resolutionunit="INCH",
+    )
+    with open_volume(path) as reader:
+        assert reader.voxel_size_um == pytest.approx(5.0)
+
+
 def test_no_voxel_tags_gives_none(tmp_path: Path) -> None:
     path = tmp_path / "plain.tif"
     tifffile.imwrite(path, _volume("uint8"), photometric="minisblack")

@@ -51,6 +51,8 @@ def damage_coverage(
             mask = vol.slice(z)
             fractions.extend(mask[y : y + tile, x : x + tile].mean() for y, x in origins)
     arr = np.asarray(fractions, dtype=np.float64)
+    if arr.size == 0:
+        return {"tiles": 0}
     return {
         "tiles": int(arr.size),
         "tiles_with_damage": float((arr >= visible).mean()),

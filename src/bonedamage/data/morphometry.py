@@ -39,7 +39,9 @@ def central_box(
 
 def segment_bone(volume: np.ndarray, smooth_vox: float = 0.5) -> np.ndarray:
     """Binary bone mask by Otsu's threshold on a lightly smoothed copy."""
-    smooth = ndimage.gaussian_filter(volume.astype(np.float32), smooth_vox)
+    smooth = volume.astype(np.float32)
+    if smooth_vox > 0:
+        smooth = ndimage.gaussian_filter(smooth, smooth_vox)
     return smooth > threshold_otsu(smooth)
 
 

@@ -112,6 +112,12 @@ def specimen_seed(cfg: dict[str, Any], tissue: str, index: int) -> np.random.See
     return np.random.SeedSequence([int(cfg["seed"]), TISSUES.index(tissue), index])
 
 
+def child_seed(parent: np.random.SeedSequence, index: int) -> np.random.SeedSequence:
+    """The ``index``-th child of ``parent``, the same however often it is asked for
+    (``SeedSequence.spawn`` counts its calls)."""
+    return np.random.SeedSequence(parent.entropy, spawn_key=(*parent.spawn_key, index))
+
+
 def generate_specimen(cfg: dict[str, Any], tissue: str, index: int, root: Path) -> dict[str, Any]:
     """Write all load steps of one specimen under ``root/<tissue>/``; return rows and metadata."""
     specimen_id = f"{tissue}-{index + 1:02d}"
@@ -183,7 +189,10 @@ def build_specimen(cfg: dict[str, Any], tissue: str, index: int) -> dict[str, An
     voxel = float(tcfg["voxel_size_um"])
     nz = int(tcfg["shape"][0])
     seq = specimen_seed(cfg, tissue, index)
-    s_struct, s_fail, s_inst, s_scans = (np.random.default_rng(s) for s in seq.spawn(4))
+    seed_struct, seed_fail, seed_inst, s_scans = seq.spawn(4)
+    s_struct, s_fail, s_inst = (
+        np.random.default_rng(s) for s in (seed_struct, seed_fail, seed_inst)
+    )
     if tissue == "trabecular":
         fcfg = tcfg["failure"]
         max_h = fcfg["band_height_frac"][1] * nz
@@ -216,12 +225,7 @@ def build_specimen(cfg: dict[str, Any], tissue: str, index: int) -> dict[str, An
         "ref_shape": ref_shape,
         "origin": origin,
         "radius": radius_frac * (min(tcfg["shape"][1:]) - 1) / 2.0,
-        "scan_rngs": [
-            np.random.default_rng(s)
-            for s in np.random.SeedSequence(int(s_scans.integers(2**63))).spawn(
-                len(cfg["load_steps"])
-            )
-        ],
+        "scan_seeds": [child_seed(s_scans, k) for k in range(len(cfg["load_steps"]))],
     }
 
 
@@ -258,36 +262,38 @@ def damaged_structures(
     )
 
 
-def render_scan(
-    cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int
-) -> dict[str, Any]:
-    """Image (in the configured dtype) and damage mask (uint8 0/1) of load step ``k``."""
+def scan_truth(cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int) -> dict[str, Any]:
+    """Ground truth of load step ``k`` in the scan frame, before imaging.
+
+    ``bone`` is the (damaged) bone fraction per voxel, ``bone_undamaged`` the same
+    specimen under the same pose and the same mechanics minus the damage, ``inside`` the
+    specimen's partial-volume mask, and ``mask`` the damage mask: voxels in the specimen
+    and field of view whose bone fraction the damage changed by ``mask_min_change`` or more.
+    """
     tcfg = cfg[tissue]
     step = float(cfg["load_steps"][k])
-    rng = phantom["scan_rngs"][k]
     shape = tuple(int(s) for s in tcfg["shape"])
-    pose = Pose.random(rng, **cfg["pose"])
+    pose = Pose.random(
+        np.random.default_rng(child_seed(phantom["scan_seeds"][k], 0)), **cfg["pose"]
+    )
     occ_dam, deform, compare, meta = damaged_structures(cfg, phantom, step)
     spec_coords = scan_to_specimen(shape, pose)
     origin = phantom["origin"]
     ref_dam = deform.apply(spec_coords)
     bone = sample(occ_dam, ref_dam, origin)
     mineral = sample(phantom["spec"].mineral, ref_dam, origin)
-    if meta["severity"] > 0:
-        bone_cmp = sample(phantom["spec"].occupancy, compare.apply(spec_coords), origin)
-        mask = (np.abs(bone - bone_cmp) >= cfg["mask_min_change"]).astype(np.uint8)
-    else:
-        mask = np.zeros(shape, dtype=np.uint8)
+    bone_cmp = (
+        sample(phantom["spec"].occupancy, compare.apply(spec_coords), origin)
+        if meta["severity"] > 0
+        else bone
+    )
     radial = np.hypot(spec_coords[1], spec_coords[2])
     inside = np.clip(phantom["radius"] - radial + 0.5, 0.0, 1.0).astype(np.float32)
-    mask &= (inside >= 0.5).astype(np.uint8)
-    del spec_coords, ref_dam, radial
-    icfg = tcfg["imaging"]
-    mu = imaging.attenuation(bone, mineral, inside, icfg)
-    img = imaging.acquire(mu, phantom["instrument"], icfg, rng)
-    out = imaging.quantise(img, cfg["dtype"], tuple(icfg["window"]))
-    fov = imaging.fov_mask(shape[1:])
-    mask &= fov[None].astype(np.uint8)
+    mask = (
+        (np.abs(bone - bone_cmp) >= cfg["mask_min_change"])
+        & (inside >= 0.5)
+        & imaging.fov_mask(shape[1:])[None]
+    ).astype(np.uint8)
     meta.update(
         pose=pose.as_dict(),
         damaged_voxels=int(mask.sum()),
@@ -295,7 +301,27 @@ def render_scan(
             ((bone >= 0.5) & (inside >= 0.5)).sum() / max(float((inside >= 0.5).sum()), 1.0)
         ),
     )
-    return {"image": out, "mask": mask, "meta": meta}
+    return {
+        "bone": bone,
+        "bone_undamaged": bone_cmp,
+        "mineral": mineral,
+        "inside": inside,
+        "mask": mask,
+        "meta": meta,
+    }
+
+
+def render_scan(
+    cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int
+) -> dict[str, Any]:
+    """Image (in the configured dtype) and damage mask (uint8 0/1) of load step ``k``."""
+    truth = scan_truth(cfg, tissue, phantom, k)
+    noise_seed = child_seed(phantom["scan_seeds"][k], 1)
+    icfg = cfg[tissue]["imaging"]
+    mu = imaging.attenuation(truth["bone"], truth["mineral"], truth["inside"], icfg)
+    img = imaging.acquire(mu, phantom["instrument"], icfg, np.random.default_rng(noise_seed))
+    out = imaging.quantise(img, cfg["dtype"], tuple(icfg["window"]))
+    return {"image": out, "mask": truth["mask"], "meta": truth["meta"]}
 
 
 def _check_config(cfg: dict[str, Any]) -> None:

@@ -219,23 +219,24 @@ def fracture(
     edt = ndimage.distance_transform_edt(bone)
     local_thickness = ndimage.maximum_filter(edt, size=5)
     thin_r = cfg["thin_strut_um"] / voxel_um / 2.0
-    z_lo = int(np.floor(failure["b0"] + origin[0]))
-    z_hi = int(np.ceil(failure["b1"] + origin[0]))
+    gap = cfg["fracture_gap_um"] / voxel_um
+    reach = thin_r + 2.0 + gap  # a fracture disc stays inside the band
+    z_lo = max(int(np.ceil(failure["b0"] + origin[0] + reach)), 0)
+    z_hi = min(int(np.floor(failure["b1"] + origin[0] - reach)), occupancy.shape[0])
+    if z_hi <= z_lo:
+        return occupancy, 0
+    band_edt, band_thick = edt[z_lo:z_hi], local_thickness[z_lo:z_hi]
     candidates = np.flatnonzero(
-        (edt[max(z_lo, 0) : z_hi] >= 1.0)
-        & (local_thickness[max(z_lo, 0) : z_hi] <= thin_r)
-        & (edt[max(z_lo, 0) : z_hi] >= local_thickness[max(z_lo, 0) : z_hi] - 0.5)
+        (band_edt >= 1.0) & (band_thick <= thin_r) & (band_edt >= band_thick - 0.5)
     )
     if candidates.size == 0:
         return occupancy, 0
     order = rng.permutation(candidates.size)[:n_total]
     picks = candidates[order[:n]]
-    gap = cfg["fracture_gap_um"] / voxel_um
     out = occupancy.copy()
-    sub_shape = (min(z_hi, occupancy.shape[0]) - max(z_lo, 0), *occupancy.shape[1:])
-    centres = np.column_stack(np.unravel_index(picks, sub_shape)).astype(np.float64)
-    centres[:, 0] += max(z_lo, 0)
-    tilts = rng.normal(0.0, 0.35, size=(n_total, 2))[order[:n] % n_total]
+    centres = np.column_stack(np.unravel_index(picks, band_edt.shape)).astype(np.float64)
+    centres[:, 0] += z_lo
+    tilts = rng.normal(0.0, 0.35, size=(n_total, 2))[:n]  # a prefix: the same at every step
     for centre, tilt in zip(centres, tilts, strict=True):
         radius = local_thickness[tuple(centre.astype(int))] + 2.0
         normal = np.array([1.0, tilt[0], tilt[1]])

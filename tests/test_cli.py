@@ -1,0 +1,134 @@
+"""The `bonedamage` command line (cli.py): help, exit codes and errors on real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from bonedamage.cli import main
+from conftest import REPO, small_synth
+
+
+def write_params(tmp_path: Path, params: dict, root: Path) -> Path:
+    p = dict(params, data={"root": str(root)}, synth=small_synth(params, load_steps=[0.0, 1.0]))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run(["bonedamage", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("bonedamage ")
+
+
+@pytest.mark.parametrize("command", ["synth", "ingest", "describe"])
+def test_every_subcommand_has_complete_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--params" in text and "--no-progress" in text
+    assert text.count("--") >= 4
+
+
+def test_synth_then_describe(tmp_path: Path, params: dict, capsys) -> None:
+    root = tmp_path / "raw"
+    p = write_params(tmp_path, params, root)
+    assert main(["synth", "--params", str(p), "--no-progress"]) == 0
+    assert "wrote 4 scans of 2 specimens" in capsys.readouterr().out
+    out = tmp_path / "metrics" / "data.json"
+    assert main(["describe", "--params", str(p), "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["dataset"]["scans"] == 4
+    assert set(metrics["trabecular"]) == {"pristine", "failed"}
+
+
+def test_missing_params_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["synth", "--params", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(missing) in err and "not found" in err
+
+
+def test_ingest_from_the_command_line(tmp_path: Path, params: dict, capsys) -> None:
+    root = tmp_path / "raw"
+    p = write_params(tmp_path, params, root)
+    stack = np.arange(5 * 12 * 16, dtype=np.uint16).reshape(5, 12, 16)
+    scan = tmp_path / "scan.tif"
+    tifffile.imwrite(
+        scan,
+        stack,
+        imagej=True,
+        resolution=(1 / 2.5, 1 / 2.5),
+        metadata={"spacing": 2.5, "unit": "um"},
+    )
+    args = [
+        "ingest",
+        str(scan),
+        "--specimen-id",
+        "S1",
+        "--tissue",
+        "cortical",
+        "--state",
+        "pristine",
+        "--params",
+        str(p),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert "added S1-pristine" in capsys.readouterr().out
+    assert (root / "cortical" / "S1-pristine.tif").is_file()
+    # the same scan again: duplicate id, exit 2, nothing changed
+    before = sorted(p.name for p in root.rglob("*"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "'S1-pristine' is already in" in err
+    assert sorted(p.name for p in root.rglob("*")) == before
+
+
+def test_ingest_of_a_corrupt_file_exits_2_naming_it(tmp_path: Path, params: dict, capsys) -> None:
+    p = write_params(tmp_path, params, tmp_path / "raw")
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00garbage" * 10)
+    code = main(
+        [
+            "ingest",
+            str(bad),
+            "--specimen-id",
+            "S1",
+            "--tissue",
+            "cortical",
+            "--state",
+            "failed",
+            "--voxel-size-um",
+            "2",
+            "--params",
+            str(p),
+        ]
+    )
+    assert code == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").rglob("*.tif"))
+
+
+def test_ingest_needs_source_or_batch(tmp_path: Path, params: dict, capsys) -> None:
+    p = write_params(tmp_path, params, tmp_path / "raw")
+    assert main(["ingest", "--params", str(p)]) == 2
+    assert "SOURCE" in capsys.readouterr().err
+
+
+def test_repo_params_are_what_dvc_and_the_cli_read() -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        assert stage["cmd"].startswith("bonedamage ")
+        for section in stage.get("params", []):
+            assert section in params
+    assert shutil.which("dvc")
