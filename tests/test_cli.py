@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import yaml
@@ -24,11 +25,12 @@ def write_params(tmp_path: Path, params: dict, root: Path) -> Path:
 
 
 def test_console_script_is_installed() -> None:
-    out = subprocess.run(["bonedamage", "--version"], capture_output=True, text=True, check=True)
+    exe = Path(sys.executable).parent / "bonedamage"  # the venv's console script
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("bonedamage ")
 
 
-@pytest.mark.parametrize("command", ["synth", "ingest", "describe"])
+@pytest.mark.parametrize("command", ["synth", "ingest", "describe", "tile", "split", "validate"])
 def test_every_subcommand_has_complete_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -129,6 +131,69 @@ def test_repo_params_are_what_dvc_and_the_cli_read() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage in stages.values():
         assert stage["cmd"].startswith("bonedamage ")
-        for section in stage.get("params", []):
-            assert section in params
-    assert shutil.which("dvc")
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):  # "tile.tile_um" names a nested key
+                assert part in node, f"dvc.yaml param {key} is not in params.yaml"
+                node = node[part]
+    assert (Path(sys.executable).parent / "dvc").is_file()  # dvc.yaml's runner is installed
+
+
+def test_tile_split_validate_and_a_leaking_split_fails(
+    tmp_path: Path, params: dict, capsys
+) -> None:
+    root = tmp_path / "raw"
+    p = dict(
+        params,
+        data={"root": str(root)},
+        synth=small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0]),
+        tile=dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0}),
+        validate=dict(params["validate"], min_tiles_per_class=1),
+    )
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(p))
+    common = ["--params", str(pfile), "--no-progress"]
+    tiles, splits = tmp_path / "tiles", tmp_path / "splits.parquet"
+    out = {"docs": tmp_path / "docs", "summary": tmp_path / "validation.json"}
+    assert main(["synth", *common]) == 0
+    assert main(["tile", *common, "--out", str(tiles)]) == 0
+    assert (
+        main(
+            [
+                "split",
+                *common,
+                "--tiles",
+                str(tiles),
+                "--out",
+                str(splits),
+                "--metrics",
+                str(tmp_path / "splits.json"),
+            ]
+        )
+        == 0
+    )
+    validate = [
+        "validate",
+        *common,
+        "--tiles",
+        str(tiles),
+        "--splits",
+        str(splits),
+        "--docs",
+        str(out["docs"]),
+        "--out",
+        str(out["summary"]),
+    ]
+    assert main(validate) == 0
+    assert "expectations passed" in capsys.readouterr().out
+    assert (out["docs"] / "index.html").is_file()
+    # move one tile of a grouped specimen into another split: a leak the stage must catch
+    table = pd.read_parquet(splits)
+    first = table.index[table.scheme == "grouped"][0]
+    table.loc[first, "split"] = "test" if table.loc[first, "split"] != "test" else "train"
+    table.to_parquet(splits, index=False)
+    assert main(validate) == 1
+    text = capsys.readouterr().out
+    assert "grouped_specimens" in text and "n_splits" in text
+    assert json.loads(out["summary"].read_text())["success"] is False
+    assert (out["docs"] / "index.html").is_file()  # docs published for the failing run too

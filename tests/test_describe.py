@@ -12,11 +12,14 @@ from bonedamage.data.describe import describe, write_metrics
 
 @pytest.fixture(scope="module")
 def cfg(params: dict) -> dict:
-    return dict(params["describe"], tile_um={"cortical": 32.0, "trabecular": 400.0})
+    return params["describe"]
+
+
+TILE_UM = {"cortical": 32.0, "trabecular": 400.0}
 
 
 def test_metrics_cover_every_tissue_and_state(small_dataset: Path, cfg: dict) -> None:
-    metrics = describe(small_dataset, cfg, progress=False)
+    metrics = describe(small_dataset, cfg, TILE_UM, progress=False)
     assert metrics["dataset"]["scans"] == 6 and metrics["dataset"]["specimens"] == 2
     assert metrics["dataset"]["bytes"] > 6 * 32 * 64 * 64 * 2
     for tissue in ("cortical", "trabecular"):
@@ -30,8 +33,8 @@ def test_metrics_cover_every_tissue_and_state(small_dataset: Path, cfg: dict) ->
 
 def test_metrics_file_is_deterministic(small_dataset: Path, cfg: dict, tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    write_metrics(describe(small_dataset, cfg, progress=False), a)
-    write_metrics(describe(small_dataset, cfg, progress=False), b)
+    write_metrics(describe(small_dataset, cfg, TILE_UM, progress=False), a)
+    write_metrics(describe(small_dataset, cfg, TILE_UM, progress=False), b)
     assert a.read_bytes() == b.read_bytes()
     assert json.loads(a.read_text())["dataset"]["scans"] == 6
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temporary behind

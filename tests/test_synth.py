@@ -317,7 +317,7 @@ def test_default_failed_scans_show_damage_in_most_tiles(
         damage_coverage(
             default_dataset / row.mask_path,
             row.voxel_size_um,
-            cfg["tile_um"][tissue],
+            params["tile"]["tile_um"][tissue],
             cfg["slice_stride"],
             cfg["min_specimen_fraction"],
             cfg["visible_damage_fraction"],

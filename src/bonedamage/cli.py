@@ -20,11 +20,20 @@ from bonedamage.config import ConfigError, load_params, section
 def _user_errors() -> tuple[type[Exception], ...]:
     from bonedamage.data.ingest import IngestError
     from bonedamage.data.manifest import ManifestError
+    from bonedamage.data.splits import SplitError
     from bonedamage.data.synth.generate import SynthError
     from bonedamage.data.tiling import TilingError
     from bonedamage.data.volume import VolumeError
 
-    return (ConfigError, IngestError, ManifestError, SynthError, TilingError, VolumeError)
+    return (
+        ConfigError,
+        IngestError,
+        ManifestError,
+        SplitError,
+        SynthError,
+        TilingError,
+        VolumeError,
+    )
 
 
 def _data_root(args: argparse.Namespace, params: dict) -> Path:
@@ -97,11 +106,81 @@ def cmd_describe(args: argparse.Namespace) -> int:
     metrics = describe(
         _data_root(args, params),
         section(params, "describe", args.params),
+        section(params, "tile", args.params)["tile_um"],
         progress=not args.no_progress,
     )
     write_metrics(metrics, Path(args.out))
     print(f"wrote {args.out}")
     return 0
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    """Cut every scan of the manifest into normalised 2D tiles (chunk files + index)."""
+    from bonedamage.data.tiling import tile_dataset
+
+    params = load_params(args.params)
+    index = tile_dataset(
+        _data_root(args, params),
+        Path(args.out),
+        section(params, "tile", args.params),
+        progress=not args.no_progress,
+    )
+    counts = index.groupby(["tissue", "state"]).size().to_dict()
+    print(
+        f"wrote {len(index)} tiles to {args.out}: "
+        + ", ".join(f"{t}/{s} {n}" for (t, s), n in sorted(counts.items()))
+    )
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    """Specimen-grouped train/val/test splits (and the leaky by-tile alternative)."""
+    import json
+
+    import pandas as pd
+
+    from bonedamage.atomic import atomic_path, write_text_atomic
+    from bonedamage.data.splits import make_splits, summary
+    from bonedamage.data.tilestore import INDEX_NAME
+
+    params = load_params(args.params)
+    index = pd.read_parquet(Path(args.tiles) / INDEX_NAME)
+    splits = make_splits(index, section(params, "split", args.params))
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        splits.to_parquet(tmp, index=False)
+    write_text_atomic(
+        Path(args.metrics), json.dumps(summary(splits), indent=2, sort_keys=True) + "\n"
+    )
+    print(f"wrote {out} ({len(splits)} rows) and {args.metrics}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate manifest, tile index and splits with great-expectations; build Data Docs."""
+    import json
+
+    import pandas as pd
+
+    from bonedamage.atomic import write_text_atomic
+    from bonedamage.data.manifest import read_manifest
+    from bonedamage.data.tilestore import INDEX_NAME
+    from bonedamage.data.validate import validate_tables
+
+    params = load_params(args.params)
+    report = validate_tables(
+        read_manifest(_data_root(args, params)),
+        pd.read_parquet(Path(args.tiles) / INDEX_NAME),
+        pd.read_parquet(args.splits),
+        section(params, "validate", args.params),
+        docs_dir=Path(args.docs),
+    )
+    write_text_atomic(
+        Path(args.out), json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+    )
+    print(report.summary())
+    print(f"Data Docs: {report.docs_index}")
+    return 0 if report.success else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +257,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="data root (default: params data.root)")
     p.add_argument("--out", default="metrics/data.json", help="metrics file (default: %(default)s)")
     p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser(
+        "tile",
+        parents=[common],
+        help="cut scans into normalised 2D tiles",
+        description=cmd_tile.__doc__ + " Settings: params.yaml 'tile'. The "
+        "output folder is replaced atomically.",
+    )
+    p.add_argument("--data-root", help="data root (default: params data.root)")
+    p.add_argument("--out", default="data/tiles", help="tile store (default: %(default)s)")
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser(
+        "split",
+        parents=[common],
+        help="specimen-grouped train/val/test splits",
+        description=cmd_split.__doc__ + " Settings: params.yaml 'split'.",
+    )
+    p.add_argument("--tiles", default="data/tiles", help="tile store (default: %(default)s)")
+    p.add_argument(
+        "--out", default="data/splits.parquet", help="splits table (default: %(default)s)"
+    )
+    p.add_argument(
+        "--metrics", default="metrics/splits.json", help="split counts (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="great-expectations data validation",
+        description=cmd_validate.__doc__ + " Settings: params.yaml 'validate'. "
+        "Exits 1 and lists the failed expectations when the data is invalid.",
+    )
+    p.add_argument("--data-root", help="data root (default: params data.root)")
+    p.add_argument("--tiles", default="data/tiles", help="tile store (default: %(default)s)")
+    p.add_argument(
+        "--splits", default="data/splits.parquet", help="splits table (default: %(default)s)"
+    )
+    p.add_argument(
+        "--docs", default="reports/validation", help="Data Docs folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", default="metrics/validation.json", help="validation summary (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

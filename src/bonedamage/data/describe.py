@@ -60,8 +60,14 @@ def damage_coverage(
     }
 
 
-def describe(data_root: Path, cfg: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
-    """Measure every scan of the manifest; return the nested metrics dict."""
+def describe(
+    data_root: Path, cfg: dict[str, Any], tile_um: dict[str, float], *, progress: bool = True
+) -> dict[str, Any]:
+    """Measure every scan of the manifest; return the nested metrics dict.
+
+    ``tile_um`` (per tissue) is the tile size the ``tile`` stage cuts, so damage coverage
+    is counted on tiles of the size the models see.
+    """
     manifest = read_manifest(data_root)
     per_scan = []
     for row in tqdm(
@@ -77,7 +83,7 @@ def describe(data_root: Path, cfg: dict[str, Any], *, progress: bool = True) -> 
                 damage_coverage(
                     mask,
                     row.voxel_size_um,
-                    cfg["tile_um"][row.tissue],
+                    tile_um[row.tissue],
                     cfg["slice_stride"],
                     cfg["min_specimen_fraction"],
                     cfg["visible_damage_fraction"],

@@ -1,20 +1,72 @@
-"""Tile geometry: physical tile sizes in pixels and the grid of tiles cut from a slice.
+"""The ``tile`` stage: cut 2D tiles of a physical size from every scan in the manifest.
 
-Tiles are square, of a physical size in um, laid on a regular grid centred in the slice.
-A tile is kept when enough of it lies inside the reconstructed field of view (the disc
-inscribed in the slice), so the dark corners outside the reconstruction never make
-tiles.
+Scans are streamed plane by plane (memory-mapped; resident memory stays at about one
+plane whatever the scan size), optionally resampled to a working voxel size, normalised
+with robust per-scan percentiles, and cut on a regular grid of square tiles of
+``tile_um`` micrometres. Planes are perpendicular to the load axis z by default
+(``axial``); ``coronal`` (normal to y) and ``sagittal`` (normal to x) are options. A
+slice stride skips near-identical neighbouring slices. Tiles mostly outside the
+reconstructed field of view, or holding almost no bone, are skipped.
+
+The normalisation of each scan (its percentiles and the bone threshold) is recorded in
+``normalization.json`` so prediction applies exactly the same transform.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pandas as pd
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from tqdm import tqdm
+
+from bonedamage.atomic import atomic_dir, atomic_path, write_text_atomic
+from bonedamage.data.manifest import confined, read_manifest
+from bonedamage.data.tilestore import INDEX_NAME, NORMALIZATION_NAME, ChunkWriter
+from bonedamage.data.volume import VolumeReader, open_volume
+
+PLANES = ("axial", "coronal", "sagittal")
+LABELS = {"pristine": 0, "failed": 1, "intermediate": -1}
+_SAMPLE_PLANES = 24  # planes sampled per scan to estimate its intensity range
+_MAX_UNMAPPED_BYTES = 512 * 2**20  # compressed stacks (masks) cut across planes in memory
+INDEX_COLUMNS = {  # the tile index: column -> dtype
+    "tile_id": "string",
+    "scan_id": "string",
+    "specimen_id": "string",
+    "tissue": "string",
+    "state": "string",
+    "label": "int8",
+    "load_step": "int16",
+    "plane": "string",
+    "z": "int32",
+    "y": "int32",
+    "x": "int32",
+    "voxel_size_um": "float64",
+    "tile_px": "int16",
+    "norm_lo": "float64",
+    "norm_hi": "float64",
+    "fov_fraction": "float32",
+    "bone_fraction": "float32",
+    "mean": "float32",
+    "std": "float32",
+    "damage_fraction": "float32",
+    "chunk": "string",
+    "row": "int32",
+}
 
 
 class TilingError(ValueError):
-    """A tile size does not fit the scan."""
+    """A tiling setting does not fit a scan; the message names the scan or setting."""
 
 
+# -- geometry ---------------------------------------------------------------------------
 def tile_px(tile_um: float, voxel_um: float) -> int:
     """Tile edge in pixels for a physical edge ``tile_um`` (rounded, at least 8 px)."""
     if not (voxel_um > 0 and tile_um > 0):
@@ -23,10 +75,10 @@ def tile_px(tile_um: float, voxel_um: float) -> int:
 
 
 def tile_origins(shape_yx: tuple[int, int], tile: int) -> list[tuple[int, int]]:
-    """Top-left corners of a non-overlapping grid of ``tile`` px tiles centred in the slice."""
+    """Top-left corners of a non-overlapping grid of ``tile`` px tiles centred in the plane."""
     ny, nx = shape_yx
     if tile > min(ny, nx):
-        raise TilingError(f"tile of {tile} px is larger than the {ny}x{nx} px slice")
+        raise TilingError(f"tile of {tile} px is larger than the {ny}x{nx} px plane")
     oy, ox = (ny % tile) // 2, (nx % tile) // 2
     return [(y, x) for y in range(oy, ny - tile + 1, tile) for x in range(ox, nx - tile + 1, tile)]
 
@@ -50,3 +102,301 @@ def tiles_in_fov(
         for y, x in tile_origins(shape_yx, tile)
         if disc[y : y + tile, x : x + tile].mean() >= min_fraction
     ]
+
+
+# -- per-scan intensity normalisation ----------------------------------------------------
+@dataclass(frozen=True)
+class Normalization:
+    """How one scan's intensities map to tile values: ``(x - lo) / (hi - lo)``."""
+
+    lo: float
+    hi: float
+    percentiles: tuple[float, float]
+    bone_threshold: float  # on normalised values (Otsu)
+    fill_value: float | None  # constant outside the reconstruction, if the scan has one
+    scale: float  # resampling factor to the working voxel size (1: none)
+
+    def apply(self, plane: np.ndarray) -> np.ndarray:
+        return ((plane.astype(np.float32) - self.lo) / (self.hi - self.lo)).astype(np.float32)
+
+    def reconstructed(self, plane: np.ndarray) -> np.ndarray:
+        if self.fill_value is None:
+            return np.ones(plane.shape, dtype=bool)
+        return plane != self.fill_value
+
+
+def fit_normalization(
+    reader: VolumeReader, percentiles: tuple[float, float], scale: float, source: str
+) -> Normalization:
+    """Robust intensity range of a scan from a sample of its slices (bounded memory)."""
+    nz = reader.shape[0]
+    picks = np.unique(np.linspace(0, nz - 1, min(_SAMPLE_PLANES, nz)).round().astype(int))
+    planes = [reader.read(int(z)) for z in picks]
+    corners = np.array([p[[0, 0, -1, -1], [0, -1, 0, -1]] for p in planes]).ravel()
+    fill = float(corners[0]) if np.all(corners == corners[0]) else None
+    step = max(1, int(math.sqrt(planes[0].size / 65536)))
+    values = np.concatenate(
+        [
+            p[::step, ::step][p[::step, ::step] != fill]
+            if fill is not None
+            else p[::step, ::step].ravel()
+            for p in planes
+        ]
+    ).astype(np.float64)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise TilingError(f"{source}: no finite reconstructed voxels to normalise")
+    lo, hi = np.percentile(values, percentiles)
+    if not hi > lo:
+        raise TilingError(f"{source}: constant intensity ({lo}); nothing to tile")
+    norm = (values - lo) / (hi - lo)
+    return Normalization(
+        float(lo),
+        float(hi),
+        (float(percentiles[0]), float(percentiles[1])),
+        float(threshold_otsu(norm)),
+        fill,
+        float(scale),
+    )
+
+
+# -- planes -------------------------------------------------------------------------------
+def iter_planes(reader: VolumeReader, plane: str, stride: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index along the plane normal, 2D plane) every ``stride`` planes; z rows first."""
+    if plane == "axial":
+        for z in range(0, reader.shape[0], stride):
+            yield z, reader.read(z)
+        return
+    volume = reader.memmap
+    if volume is None:
+        nbytes = int(np.prod(reader.shape)) * reader.dtype.itemsize
+        if nbytes > _MAX_UNMAPPED_BYTES:
+            raise TilingError(
+                f"{reader.path}: {plane} planes of a compressed stack of "
+                f"{nbytes / 2**20:.0f} MiB; store it uncompressed"
+            )
+        volume = np.stack([reader.read(z) for z in range(reader.shape[0])])  # small masks
+    axis = 1 if plane == "coronal" else 2
+    for i in range(0, reader.shape[axis], stride):
+        section = volume[:, i, :] if axis == 1 else volume[:, :, i]
+        yield i, np.array(section, dtype=reader.dtype)
+
+
+def _resample(plane: np.ndarray, scale: float, order: int) -> np.ndarray:
+    if scale == 1.0:
+        return plane
+    return ndimage.zoom(plane, scale, order=order, mode="nearest", grid_mode=True)
+
+
+# -- the stage ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileSettings:
+    """The ``tile`` section of params.yaml for one tissue."""
+
+    tile_um: float
+    working_voxel_um: float
+    planes: tuple[str, ...]
+    slice_stride: int
+    percentiles: tuple[float, float]
+    min_fov_fraction: float
+    min_bone_fraction: float
+
+    @property
+    def tile_px(self) -> int:
+        return tile_px(self.tile_um, self.working_voxel_um)
+
+    @classmethod
+    def from_params(cls, cfg: dict[str, Any], tissue: str) -> TileSettings:
+        planes = tuple(cfg["planes"])
+        unknown = sorted(set(planes) - set(PLANES))
+        if unknown or not planes:
+            raise TilingError(f"tile.planes={list(planes)}: choose from {list(PLANES)}")
+        if int(cfg["slice_stride"]) < 1:
+            raise TilingError(f"tile.slice_stride={cfg['slice_stride']}: must be >= 1")
+        lo, hi = cfg["percentiles"]
+        if not 0 <= lo < hi <= 100:
+            raise TilingError(f"tile.percentiles={cfg['percentiles']}: need 0 <= lo < hi <= 100")
+        return cls(
+            float(cfg["tile_um"][tissue]),
+            float(cfg["working_voxel_um"][tissue]),
+            planes,
+            int(cfg["slice_stride"]),
+            (float(lo), float(hi)),
+            float(cfg["min_fov_fraction"]),
+            float(cfg["min_bone_fraction"]),
+        )
+
+
+def tile_scan(
+    row: Any, data_root: Path, settings: TileSettings, out_dir: Path, chunk_tiles: int
+) -> tuple[pd.DataFrame, Normalization]:
+    """Tile one manifest row's scan into its chunk files; return index rows and normalisation.
+
+    Tiles are stored in the scan's own dtype (float32 when resampled); the index carries
+    the scan's normalisation (``norm_lo``, ``norm_hi``) that turns them into [0, 1] values.
+    """
+    path = confined(data_root, row.path, what=f"scan {row.scan_id}: path")
+    scale = row.voxel_size_um / settings.working_voxel_um
+    if abs(scale - 1.0) < 0.01:
+        scale = 1.0
+    size = settings.tile_px
+    parts: list[dict[str, np.ndarray]] = []
+    with open_volume(path) as vol:
+        norm = fit_normalization(vol, settings.percentiles, scale, f"scan {row.scan_id}")
+        dtype = vol.dtype if scale == 1.0 else np.dtype(np.float32)
+        writer = ChunkWriter(out_dir, f"{row.tissue}/{row.scan_id}", size, chunk_tiles, dtype)
+        mask_vol = (
+            open_volume(confined(data_root, row.mask_path, what="mask_path"))
+            if row.mask_path
+            else None
+        )
+        try:
+            for plane in settings.planes:
+                masks = iter_planes(mask_vol, plane, settings.slice_stride) if mask_vol else None
+                for index, raw in iter_planes(vol, plane, settings.slice_stride):
+                    damage = next(masks)[1] if masks else None
+                    parts.append(_cut(plane, index, raw, damage, norm, settings, writer))
+        finally:
+            writer.flush()
+            if mask_vol is not None:
+                mask_vol.close()
+    columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    n = len(columns["z"])
+    if n == 0:
+        raise TilingError(
+            f"scan {row.scan_id}: no tile of {size} px passed the field-of-view "
+            "and bone-fraction filters; check tile.tile_um and the scan"
+        )
+    where = [columns.pop(k).astype(str) for k in ("plane_code", "r", "c")]
+    tile_id = np.char.add(
+        np.char.add(np.char.add(f"{row.scan_id}/", where[0]), "-"),
+        np.char.add(np.char.add(np.char.zfill(where[1], 4), "-"), np.char.zfill(where[2], 4)),
+    )
+    constants = {
+        "scan_id": row.scan_id,
+        "specimen_id": row.specimen_id,
+        "tissue": row.tissue,
+        "state": row.state,
+        "label": LABELS[row.state],
+        "load_step": int(row.load_step) if not pd.isna(row.load_step) else -1,
+        "voxel_size_um": settings.working_voxel_um,
+        "tile_px": size,
+        "norm_lo": norm.lo,
+        "norm_hi": norm.hi,
+    }
+    frame = pd.DataFrame(
+        {
+            "tile_id": tile_id,
+            **{k: np.repeat(np.asarray([v]), n) for k, v in constants.items()},
+            **columns,
+        }
+    )
+    return frame.loc[:, list(INDEX_COLUMNS)].astype(INDEX_COLUMNS), norm
+
+
+def _blocks(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All grid tiles of a plane as (n, size, size), with their row and column origins."""
+    origins = tile_origins(image.shape, size)
+    (oy, ox), (ly, lx) = origins[0], origins[-1]
+    ty, tx = (ly - oy) // size + 1, (lx - ox) // size + 1
+    block = image[oy : oy + ty * size, ox : ox + tx * size]
+    tiles = block.reshape(ty, size, tx, size).swapaxes(1, 2).reshape(-1, size, size)
+    rows = oy + size * np.repeat(np.arange(ty), tx)
+    cols = ox + size * np.tile(np.arange(tx), ty)
+    return tiles, rows, cols
+
+
+def _cut(
+    plane: str,
+    index: int,
+    raw: np.ndarray,
+    damage: np.ndarray | None,
+    norm: Normalization,
+    settings: TileSettings,
+    writer: ChunkWriter,
+) -> dict[str, np.ndarray]:
+    """Cut one plane: keep the tiles that pass the filters, store them, return their columns.
+
+    Works on raw values (no float conversion of the whole plane): the bone threshold and
+    the statistics are mapped through the scan's linear normalisation instead.
+    """
+    size = settings.tile_px
+    image = raw if norm.scale == 1.0 else _resample(raw.astype(np.float32), norm.scale, 1)
+    tiles, rows, cols = _blocks(image, size)
+    if norm.fill_value is None:
+        fov = np.ones(len(tiles), dtype=np.float32)
+    else:
+        recon = _resample((raw != norm.fill_value).astype(np.float32), norm.scale, 1) >= 0.5
+        fov = _blocks(recon, size)[0].mean(axis=(1, 2), dtype=np.float32)
+    pixels = size * size
+    bone_raw = norm.lo + norm.bone_threshold * (norm.hi - norm.lo)
+    bone = (tiles > bone_raw).reshape(len(tiles), pixels).sum(axis=1) / np.float32(pixels)
+    keep = (fov >= settings.min_fov_fraction) & (bone >= settings.min_bone_fraction)
+    kept = tiles[keep]
+    chunks, chunk_rows = writer.add_many(kept)
+    flat = kept.reshape(len(kept), pixels).astype(np.float32)
+    mean_raw = flat.sum(axis=1, dtype=np.float64) / pixels
+    var_raw = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / pixels - mean_raw**2
+    span = norm.hi - norm.lo
+    if damage is not None:
+        dmg = _blocks(_resample(damage, norm.scale, 0) > 0, size)[0][keep]
+        damage_fraction = dmg.reshape(len(kept), pixels).sum(axis=1) / np.float32(pixels)
+    else:
+        damage_fraction = np.full(len(kept), np.nan, dtype=np.float32)
+    r, c = rows[keep], cols[keep]
+    r0, c0 = np.rint(r / norm.scale).astype(np.int32), np.rint(c / norm.scale).astype(np.int32)
+    at = np.full(len(kept), index, dtype=np.int32)
+    z, y, x = {"axial": (at, r0, c0), "coronal": (r0, at, c0), "sagittal": (r0, c0, at)}[plane]
+    return {
+        "plane_code": np.full(len(kept), f"{plane[0]}{index:04d}"),
+        "r": r,
+        "c": c,
+        "plane": np.full(len(kept), plane),
+        "z": z,
+        "y": y,
+        "x": x,
+        "fov_fraction": fov[keep],
+        "bone_fraction": bone[keep],
+        "mean": (mean_raw - norm.lo) / span,
+        "std": np.sqrt(np.maximum(var_raw, 0.0)) / span,
+        "damage_fraction": damage_fraction,
+        "chunk": chunks,
+        "row": chunk_rows,
+    }
+
+
+def tile_dataset(
+    data_root: Path, out_dir: Path, cfg: dict[str, Any], *, progress: bool = True
+) -> pd.DataFrame:
+    """Tile every scan of the manifest into ``out_dir`` (replaced atomically); return the index."""
+    manifest = read_manifest(data_root)
+    if manifest.empty:
+        raise TilingError(f"{data_root}: the manifest has no scans to tile")
+    tissues = sorted(manifest["tissue"].unique())
+    settings = {t: TileSettings.from_params(cfg, t) for t in tissues}
+    frames: list[pd.DataFrame] = []
+    normalization: dict[str, Any] = {}
+    with atomic_dir(out_dir) as staging:
+        for tissue in tissues:
+            scans = manifest[manifest["tissue"] == tissue]
+            for row in tqdm(
+                list(scans.itertuples(index=False)),
+                desc=f"tile {tissue}",
+                unit="scan",
+                disable=not progress,
+            ):
+                scan_rows, norm = tile_scan(
+                    row, data_root, settings[tissue], staging, int(cfg["chunk_tiles"])
+                )
+                frames.append(scan_rows)
+                normalization[row.scan_id] = {
+                    **asdict(norm),
+                    "tissue": tissue,
+                    **asdict(settings[tissue]),
+                }
+        index = pd.concat(frames, ignore_index=True)
+        with atomic_path(staging / INDEX_NAME) as tmp:
+            index.to_parquet(tmp, index=False)
+        write_text_atomic(
+            staging / NORMALIZATION_NAME, json.dumps(normalization, indent=1, sort_keys=True) + "\n"
+        )
+    return index

@@ -10,8 +10,10 @@ at the right scale. No timestamp is written: the same slices give the same bytes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import mmap
 import os
 import re
 import struct
@@ -186,6 +188,8 @@ class VolumeReader:
         self.path = Path(path)
         self._tif: tifffile.TiffFile | None = None
         self._mmap: np.ndarray | None = None
+        self._map: mmap.mmap | None = None
+        self._data_offset = 0
         self._files: list[Path] = []
         if not self.path.exists():
             raise VolumeError(self.path, "no such file or folder")
@@ -229,7 +233,10 @@ class VolumeReader:
             if len(shape) != 3:
                 raise VolumeError(self.path, f"series of shape {shape}; expected a (z, y, x) stack")
             n_pages = len(series) if len(series) > 1 else len(pages)
-            if n_pages != shape[0] and len(pages) != shape[0]:
+            # a contiguous stack may hold one page for all slices (ImageJ files > 4 GiB):
+            # the file-size check below covers it
+            contiguous = series.dataoffset is not None
+            if not contiguous and n_pages != shape[0] and len(pages) != shape[0]:
                 raise VolumeError(
                     self.path, f"stack declares {shape[0]} slices but holds {len(pages)} pages"
                 )
@@ -244,8 +251,10 @@ class VolumeReader:
                 expected = series.dataoffset + int(np.prod(shape)) * self.dtype.itemsize
                 if os.path.getsize(self.path) < expected:
                     raise VolumeError(self.path, "truncated: the file ends before its last slice")
-                self._mmap = tifffile.memmap(self.path, mode="r")
-                self._mmap = self._mmap.reshape(shape)
+                self._map_stack(
+                    series.dataoffset,
+                    np.dtype(series.dtype).newbyteorder("<" if tif.byteorder == "<" else ">"),
+                )
             else:
                 self._check_pages_present()
         except VolumeError:
@@ -254,6 +263,16 @@ class VolumeReader:
         except Exception as exc:  # tifffile raises many types on corrupt files
             tif.close()
             raise VolumeError(self.path, f"corrupt or unreadable TIFF ({exc})") from exc
+
+    def _map_stack(self, offset: int, file_dtype: np.dtype) -> None:
+        """Memory-map the contiguous pixel data (our own mmap, so pages can be released)."""
+        with open(self.path, "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._data_offset = offset
+        count = int(np.prod(self.shape))
+        self._mmap = np.frombuffer(self._map, dtype=file_dtype, count=count, offset=offset).reshape(
+            self.shape
+        )
 
     def _check_pages_present(self) -> None:
         """Read every page's header; a truncated compressed stack fails here, not mid-stage."""
@@ -318,6 +337,26 @@ class VolumeReader:
             )
         return arr
 
+    @property
+    def memmap(self) -> np.ndarray | None:
+        """The whole stack as a read-only memory-mapped array, or ``None`` if not mappable
+        (a folder of slices or a compressed stack)."""
+        return self._mmap
+
+    def read(self, z: int) -> np.ndarray:
+        """Slice ``z`` as a private copy; a memory-mapped slice's pages are then released.
+
+        Streaming a whole scan through ``read`` keeps the resident memory at about one
+        slice, however large the scan (the pages stay in the OS file cache).
+        """
+        arr = np.array(self.slice(z), dtype=self.dtype, copy=True)
+        if self._map is not None:
+            nbytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+            start = self._data_offset + z * nbytes
+            aligned = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, aligned, start + nbytes - aligned)
+        return arr
+
     def iter_slices(
         self, start: int = 0, stop: int | None = None, step: int = 1
     ) -> Iterator[np.ndarray]:
@@ -327,6 +366,10 @@ class VolumeReader:
 
     def close(self) -> None:
         self._mmap = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a slice view
+                self._map.close()
+            self._map = None
         if self._tif is not None:
             self._tif.close()
             self._tif = None

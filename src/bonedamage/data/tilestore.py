@@ -1,0 +1,104 @@
+"""Tile storage: a few chunk files per scan plus one index table.
+
+Hundreds of thousands of one-tile files choke DVC and file systems, so tiles are kept as
+``<root>/<tissue>/<scan_id>-NNNN.npy`` arrays of shape (n, tile_px, tile_px), at most
+``chunk_tiles`` each, which ``numpy.load(mmap_mode="r")`` opens for random access without
+reading them whole. Tiles hold the scan's raw values in its own dtype (float32 when the
+scan was resampled): storing them costs a copy, not a conversion, and a model can be
+served raw tiles exactly as a scanner writes them. ``<root>/index.parquet`` has one row
+per tile with its chunk file and row, and the scan's normalisation (``norm_lo``,
+``norm_hi``) that :class:`TileStore` applies to give [0, 1] values. Chunks are written
+atomically as they fill.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bonedamage.atomic import atomic_path
+
+INDEX_NAME = "index.parquet"
+NORMALIZATION_NAME = "normalization.json"
+
+
+class ChunkWriter:
+    """Append tiles; flush full chunks to ``<root>/<prefix>-NNNN.npy``."""
+
+    def __init__(
+        self, root: Path, prefix: str, tile_px: int, chunk_tiles: int, dtype: np.dtype | str
+    ) -> None:
+        self.root, self.prefix = root, prefix
+        self.tile_px, self.chunk_tiles = tile_px, chunk_tiles
+        self.dtype = np.dtype(dtype)
+        self._buffer = np.empty((chunk_tiles, tile_px, tile_px), dtype=self.dtype)
+        self._filled = 0
+        self._chunk = 0
+
+    def add_many(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store (n, tile_px, tile_px) tiles; return their chunk paths and rows (arrays)."""
+        n = len(tiles)
+        chunks = np.empty(n, dtype=object)
+        rows = np.empty(n, dtype=np.int32)
+        done = 0
+        while done < n:
+            take = min(n - done, self.chunk_tiles - self._filled)
+            self._buffer[self._filled : self._filled + take] = tiles[done : done + take]
+            chunks[done : done + take] = self._relpath(self._chunk)
+            rows[done : done + take] = np.arange(self._filled, self._filled + take)
+            self._filled += take
+            done += take
+            if self._filled == self.chunk_tiles:
+                self.flush()
+        return chunks, rows
+
+    def flush(self) -> None:
+        if self._filled == 0:
+            return
+        target = self.root / self._relpath(self._chunk)
+        with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, self._buffer[: self._filled])
+        self._chunk += 1
+        self._filled = 0
+
+    def _relpath(self, chunk: int) -> str:
+        return f"{self.prefix}-{chunk:04d}.npy"
+
+
+class TileStore:
+    """Read-only random access to stored tiles by index row or tile id."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.index = pd.read_parquet(self.root / INDEX_NAME)
+        self._chunks: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _chunk(self, relpath: str) -> np.ndarray:
+        if relpath not in self._chunks:
+            self._chunks[relpath] = np.load(self.root / relpath, mmap_mode="r")
+        return self._chunks[relpath]
+
+    def raw(self, position: int) -> np.ndarray:
+        """The stored tile of index row ``position``: raw values in the scan's dtype."""
+        row = self.index.iloc[position]
+        return np.array(self._chunk(row["chunk"])[int(row["row"])])
+
+    def tile(self, position: int) -> np.ndarray:
+        """The normalised float32 tile of index row ``position`` (as models see it)."""
+        row = self.index.iloc[position]
+        return normalize(self.raw(position), row["norm_lo"], row["norm_hi"])
+
+    def tiles(self, positions: np.ndarray | list[int]) -> np.ndarray:
+        """Normalised tiles of several index rows as one float32 array (n, tile_px, tile_px)."""
+        return np.stack([self.tile(int(p)) for p in positions])
+
+
+def normalize(raw: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The tile normalisation: ``(raw - lo) / (hi - lo)`` in float32."""
+    return ((raw.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)

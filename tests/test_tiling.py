@@ -1,0 +1,197 @@
+"""The tile stage (data/tiling.py) on small phantom scans and the real stack."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bonedamage.data.ingest import IngestRequest, ingest_scans
+from bonedamage.data.manifest import read_manifest, write_manifest
+from bonedamage.data.tilestore import INDEX_NAME, TileStore
+from bonedamage.data.tiling import TilingError, fit_normalization, tile_dataset, tile_px
+from bonedamage.data.volume import open_volume
+from conftest import REAL_STACK
+
+
+@pytest.fixture(scope="module")
+def cfg(params: dict) -> dict:
+    return dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0}, chunk_tiles=50)
+
+
+@pytest.fixture(scope="module")
+def tiles(small_dataset: Path, cfg: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiles") / "tiles"
+    tile_dataset(small_dataset, out, cfg, progress=False)
+    return out
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_index_has_one_row_per_stored_tile(tiles: Path, small_dataset: Path) -> None:
+    store = TileStore(tiles)
+    index = store.index
+    expected = {
+        "tile_id",
+        "scan_id",
+        "specimen_id",
+        "tissue",
+        "state",
+        "label",
+        "load_step",
+        "plane",
+        "z",
+        "y",
+        "x",
+        "voxel_size_um",
+        "bone_fraction",
+        "mean",
+        "std",
+        "damage_fraction",
+        "chunk",
+        "row",
+    }
+    assert expected <= set(index.columns)
+    assert index["tile_id"].is_unique
+    assert set(index["scan_id"]) == set(read_manifest(small_dataset)["scan_id"])
+    assert set(index["label"]) == {-1, 0, 1}
+    assert (index["tile_px"] == 16).all()  # 25.6 um / 1.6 um and 320 um / 20 um
+    chunks = sorted(set(index["chunk"]))
+    assert len(chunks) > 2  # chunk_tiles=50 spreads the tiles over several files
+    for chunk in chunks:
+        assert len(np.load(tiles / chunk, mmap_mode="r")) == (index["chunk"] == chunk).sum()
+
+
+def test_tiles_read_back_equal_the_scan_normalised(
+    tiles: Path, small_dataset: Path, cfg: dict
+) -> None:
+    store = TileStore(tiles)
+    manifest = read_manifest(small_dataset).set_index("scan_id")
+    rng = np.random.default_rng(0)
+    for pos in rng.choice(len(store), size=12, replace=False):
+        row = store.index.iloc[pos]
+        with open_volume(small_dataset / manifest.loc[row.scan_id, "path"]) as vol:
+            norm = fit_normalization(vol, tuple(cfg["percentiles"]), 1.0, row.scan_id)
+            raw = vol.read(int(row.z))[row.y : row.y + 16, row.x : row.x + 16]
+        np.testing.assert_array_equal(store.raw(pos), raw)  # stored bit for bit
+        assert (row.norm_lo, row.norm_hi) == (norm.lo, norm.hi)
+        np.testing.assert_allclose(store.tile(pos), norm.apply(raw), rtol=1e-6)
+        assert store.tile(pos).mean() == pytest.approx(row["mean"], abs=1e-5)
+        assert store.tile(pos).std() == pytest.approx(row["std"], abs=1e-4)
+
+
+def test_damage_fraction_comes_from_the_mask(tiles: Path, small_dataset: Path) -> None:
+    index = TileStore(tiles).index
+    manifest = read_manifest(small_dataset).set_index("scan_id")
+    assert (index.loc[index.state == "pristine", "damage_fraction"] == 0).all()
+    failed = index[index.state == "failed"]
+    assert failed["damage_fraction"].max() > 0
+    row = failed.sort_values("damage_fraction").iloc[-1]
+    with open_volume(small_dataset / manifest.loc[row.scan_id, "mask_path"]) as mask:
+        window = mask.read(int(row.z))[row.y : row.y + 16, row.x : row.x + 16]
+    assert window.mean() == pytest.approx(row.damage_fraction)
+
+
+def test_tiling_is_deterministic(small_dataset: Path, cfg: dict, tiles: Path, tmp_path) -> None:
+    tile_dataset(small_dataset, tmp_path / "again", cfg, progress=False)
+    assert digest(tmp_path / "again") == digest(tiles)
+
+
+def test_other_planes_and_the_slice_stride(small_dataset: Path, cfg: dict, tmp_path) -> None:
+    index = tile_dataset(
+        small_dataset,
+        tmp_path / "t",
+        dict(cfg, planes=["axial", "sagittal"], slice_stride=8),
+        progress=False,
+    )
+    assert set(index["plane"]) == {"axial", "sagittal"}
+    axial = index[index.plane == "axial"]
+    assert set(axial["z"] % 8) == {0}
+    sagittal = index[index.plane == "sagittal"]
+    assert set(sagittal["x"] % 8) == {0} and sagittal["z"].max() > 0
+
+
+def test_a_failing_scan_leaves_no_half_written_output(
+    small_dataset: Path, cfg: dict, tiles: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "raw"
+    shutil.copytree(small_dataset, root)
+    manifest = read_manifest(root)
+    victim = root / manifest.sort_values("scan_id").iloc[-1]["path"]
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+    out = tmp_path / "tiles"
+    shutil.copytree(tiles, out)
+    before = digest(out)
+    with pytest.raises(Exception, match="truncated"):
+        tile_dataset(root, out, cfg, progress=False)
+    assert digest(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_tile_larger_than_the_scan_is_refused(small_dataset: Path, cfg: dict, tmp_path) -> None:
+    with pytest.raises(TilingError, match="larger than"):
+        tile_dataset(
+            small_dataset,
+            tmp_path / "t",
+            dict(cfg, tile_um={"cortical": 999.0, "trabecular": 320.0}),
+            progress=False,
+        )
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("planes", ["oblique"], "tile.planes"),
+        ("slice_stride", 0, "slice_stride"),
+        ("percentiles", [99, 1], "percentiles"),
+    ],
+)
+def test_bad_tile_settings_are_refused(
+    small_dataset: Path, cfg: dict, tmp_path, key, value, message
+) -> None:
+    with pytest.raises(TilingError, match=message):
+        tile_dataset(small_dataset, tmp_path / "t", dict(cfg, **{key: value}), progress=False)
+
+
+def test_empty_manifest_is_refused(small_dataset: Path, cfg: dict, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    root.mkdir()
+    write_manifest(read_manifest(small_dataset).iloc[:0], root)
+    with pytest.raises(TilingError, match="no scans"):
+        tile_dataset(root, tmp_path / "t", cfg, progress=False)
+
+
+def test_tile_px_is_the_physical_size() -> None:
+    assert tile_px(1280, 20.0) == 64
+    assert tile_px(102.4, 1.6) == 64
+    with pytest.raises(TilingError):
+        tile_px(100, 0)
+
+
+@pytest.mark.skipif(not REAL_STACK.is_dir(), reason="../shared/real is absent")
+def test_real_stack_is_resampled_and_tiled(params: dict, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    ingest_scans(
+        [IngestRequest(REAL_STACK, "lhdl-3155", "trabecular", "pristine", voxel_size_um=19.5)],
+        root,
+        progress=False,
+    )
+    index = tile_dataset(root, tmp_path / "tiles", params["tile"], progress=False)
+    assert (index["tile_px"] == 64).all() and (index["voxel_size_um"] == 20.0).all()
+    assert index["damage_fraction"].isna().all()  # a real scan has no ground-truth mask
+    assert (index["label"] == 0).all() and len(index) > 100
+    assert index["bone_fraction"].between(0.02, 1).all()
+    # 200 px at 19.5 um is 195 px at 20 um: a 3 x 3 grid of 64 px tiles per plane
+    assert index.groupby("z").size().max() == 9
+    assert pd.read_parquet(tmp_path / "tiles" / INDEX_NAME).equals(index)
