@@ -49,3 +49,33 @@ def default_dataset(tmp_path_factory: pytest.TempPathFactory, params: dict[str, 
     root = tmp_path_factory.mktemp("default") / "data" / "raw"
     generate_dataset(params["synth"], root, workers=2, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def learn_params(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml shrunk for learning tests: 16 px tiles, 1-2 epochs, few trials."""
+    p = copy.deepcopy(params)
+    p["synth"] = small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0])
+    p["tile"]["tile_um"] = {"cortical": 25.6, "trabecular": 320.0}
+    p["validate"]["min_tiles_per_class"] = 1
+    p["train"].update(epochs=2, patience=2, threads=1)
+    p["search"].update(n_trials=3, epochs=2, n_startup_trials=2, timeout_s=None)
+    p["search"]["space"].update(n_blocks=[2, 2], base_filters=[4, 8], dense_units=[8])
+    p["resnet"].update(epochs=1, pretext_epochs=1, freeze_epochs=1, batch_size=32)
+    p["evaluate"]["bootstrap"] = 50
+    return p
+
+
+@pytest.fixture(scope="session")
+def learn_data(
+    tmp_path_factory: pytest.TempPathFactory, learn_params: dict[str, Any]
+) -> tuple[Path, Path]:
+    """(tile store, splits table) of 3 small specimens per tissue, as the stages write them."""
+    from bonedamage.data.splits import make_splits
+    from bonedamage.data.tiling import tile_dataset
+
+    root = tmp_path_factory.mktemp("learn")
+    generate_dataset(learn_params["synth"], root / "raw", progress=False)
+    index = tile_dataset(root / "raw", root / "tiles", learn_params["tile"], progress=False)
+    make_splits(index, learn_params["split"]).to_parquet(root / "splits.parquet", index=False)
+    return root / "tiles", root / "splits.parquet"

@@ -183,6 +183,101 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.success else 1
 
 
+def _tracked(args: argparse.Namespace) -> dict:
+    """params.yaml, with MLflow pointed at its store (the learning stages are tracked)."""
+    from bonedamage.lifecycle.tracking import configure
+
+    params = load_params(args.params)
+    configure(section(params, "mlflow", args.params))
+    return params
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Optuna search of the CNN architecture for one tissue (nested MLflow runs per trial)."""
+    from bonedamage.lifecycle.runs import run_search
+
+    params = _tracked(args)
+    best = run_search(
+        params,
+        args.tissue,
+        Path(args.tiles),
+        Path(args.splits),
+        Path(args.out or f"models/{args.tissue}/cnn_search.json"),
+        Path(args.reports),
+        worker=args.worker,
+    )
+    print(
+        f"{args.tissue}: best trial {best['trial']} val balanced accuracy {best['value']:.4f}"
+        f" ({best['summary']['states']})"
+    )
+    return 0
+
+
+def cmd_train_cnn(args: argparse.Namespace) -> int:
+    """Train the final CNN of a tissue with the best searched configuration."""
+    from bonedamage.lifecycle.runs import run_train_cnn
+
+    params = _tracked(args)
+    models = Path(args.models) / args.tissue
+    scores = run_train_cnn(
+        params, args.tissue, Path(args.tiles), Path(args.splits), models / "cnn_search.json", models
+    )
+    print(f"{args.tissue}: " + ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Self-supervised rotation pretraining of the ResNet backbone for a tissue."""
+    from bonedamage.lifecycle.runs import run_pretrain
+
+    params = _tracked(args)
+    out = Path(args.models) / args.tissue / "pretext.pt"
+    score = run_pretrain(params, args.tissue, Path(args.tiles), Path(args.splits), out)
+    print(f"{args.tissue}: rotation task val balanced accuracy {score:.4f}")
+    return 0
+
+
+def cmd_train_resnet(args: argparse.Namespace) -> int:
+    """Fine-tune the ResNet of a tissue for every init in params resnet.inits."""
+    from bonedamage.lifecycle.runs import run_train_resnet
+
+    params = _tracked(args)
+    models = Path(args.models) / args.tissue
+    scores = run_train_resnet(
+        params,
+        args.tissue,
+        Path(args.tiles),
+        Path(args.splits),
+        models / "pretext.pt",
+        models / "resnet",
+    )
+    print(f"{args.tissue}: " + ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Test-split metrics of every model of a tissue (metrics/<tissue>.json)."""
+    from bonedamage.lifecycle.runs import run_evaluate
+
+    params = _tracked(args)
+    out = Path(args.out or f"metrics/{args.tissue}.json")
+    results = run_evaluate(
+        params,
+        args.tissue,
+        Path(args.tiles),
+        Path(args.splits),
+        Path(args.models) / args.tissue,
+        out,
+        Path(args.plots) / args.tissue,
+    )
+    for name, m in results.items():
+        print(
+            f"{args.tissue} {name:18s} accuracy {m['accuracy']:.4f} "
+            f"balanced {m['balanced_accuracy']:.4f} scan {m['scan_accuracy']:.3f}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonedamage",
@@ -303,6 +398,70 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="metrics/validation.json", help="validation summary (default: %(default)s)"
     )
     p.set_defaults(func=cmd_validate)
+
+    learn = argparse.ArgumentParser(add_help=False)
+    learn.add_argument("--tissue", required=True, choices=["cortical", "trabecular"])
+    learn.add_argument("--tiles", default="data/tiles", help="tile store (default: %(default)s)")
+    learn.add_argument(
+        "--splits", default="data/splits.parquet", help="splits table (default: %(default)s)"
+    )
+    learn.add_argument("--models", default="models", help="models folder (default: %(default)s)")
+    tracked = " Tracked in MLflow (params.yaml 'mlflow'; MLFLOW_TRACKING_URI overrides)."
+
+    p = sub.add_parser(
+        "search",
+        parents=[common, learn],
+        help="Optuna CNN architecture search",
+        description=cmd_search.__doc__ + " Settings: params.yaml 'search', "
+        "'train', 'augment'. Re-running continues the stored study." + tracked,
+    )
+    p.add_argument("--out", help="best configuration (default: models/TISSUE/cnn_search.json)")
+    p.add_argument(
+        "--reports", default="reports/search", help="study plots folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--worker",
+        type=int,
+        default=0,
+        help="worker number when several processes share the study (seeds differ)",
+    )
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "train-cnn",
+        parents=[common, learn],
+        help="train the final CNN",
+        description=cmd_train_cnn.__doc__ + " Also trains the same recipe on "
+        "the leaky split, for the inflation metric." + tracked,
+    )
+    p.set_defaults(func=cmd_train_cnn)
+
+    p = sub.add_parser(
+        "pretrain",
+        parents=[common, learn],
+        help="ResNet rotation pretraining",
+        description=cmd_pretrain.__doc__ + " Settings: params.yaml 'resnet'." + tracked,
+    )
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "train-resnet",
+        parents=[common, learn],
+        help="ResNet transfer learning (imagenet | pretext | scratch)",
+        description=cmd_train_resnet.__doc__ + " ImageNet weights come from "
+        "resnet.weights_path or the torch cache, never from the network." + tracked,
+    )
+    p.set_defaults(func=cmd_train_resnet)
+
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common, learn],
+        help="test-split metrics",
+        description=cmd_evaluate.__doc__ + " Settings: params.yaml 'evaluate'." + tracked,
+    )
+    p.add_argument("--out", help="metrics file (default: metrics/TISSUE.json)")
+    p.add_argument("--plots", default="plots", help="ROC curves folder (default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -75,6 +75,11 @@ class TileStore:
         self.root = Path(root)
         self.index = pd.read_parquet(self.root / INDEX_NAME)
         self._chunks: dict[str, np.ndarray] = {}
+        # columns as arrays: per-tile access without pandas' per-row cost
+        self._chunk_of = self.index["chunk"].to_numpy(dtype=object)
+        self._row_of = self.index["row"].to_numpy()
+        self._lo = self.index["norm_lo"].to_numpy(dtype=np.float64)
+        self._hi = self.index["norm_hi"].to_numpy(dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -86,13 +91,11 @@ class TileStore:
 
     def raw(self, position: int) -> np.ndarray:
         """The stored tile of index row ``position``: raw values in the scan's dtype."""
-        row = self.index.iloc[position]
-        return np.array(self._chunk(row["chunk"])[int(row["row"])])
+        return np.array(self._chunk(self._chunk_of[position])[int(self._row_of[position])])
 
     def tile(self, position: int) -> np.ndarray:
         """The normalised float32 tile of index row ``position`` (as models see it)."""
-        row = self.index.iloc[position]
-        return normalize(self.raw(position), row["norm_lo"], row["norm_hi"])
+        return normalize(self.raw(position), self._lo[position], self._hi[position])
 
     def tiles(self, positions: np.ndarray | list[int]) -> np.ndarray:
         """Normalised tiles of several index rows as one float32 array (n, tile_px, tile_px)."""

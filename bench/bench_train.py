@@ -1,0 +1,120 @@
+"""Benchmark training: the real data loader against pre-loaded tensors, and pruning's savings.
+
+    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8]
+
+Needs the tile store and splits of the default pipeline (``dvc repro split``).
+1. Throughput: tiles/s of the searched-space CNN trained through the real loader
+   (chunked tile store, per-item normalisation and augmentation) against the same model
+   and batches from tensors already in memory; prints the ratio (goal >= 0.9).
+2. Pruning: the same Optuna trial budget with the median pruner and without; prints the
+   epochs spent and the best validation balanced accuracy of each (goal: at most half
+   the epochs, the same best accuracy within 1 point).
+Figures only, no pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bonedamage.config import load_params
+from bonedamage.data.tilestore import TileStore
+from bonedamage.learn import search
+from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
+from bonedamage.learn.models import build_cnn
+from bonedamage.learn.train import TrainConfig, fit, seed_everything
+
+ARCH = {
+    "n_blocks": 3,
+    "base_filters": 16,
+    "filter_growth": 1.5,
+    "kernel_size": 3,
+    "norm": "batch",
+    "pool": "max",
+    "dropout": 0.2,
+    "dense_units": 64,
+}
+
+
+def throughput(
+    params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, epochs: int
+) -> None:
+    positions, labels = split_rows(store, splits, tissue, "grouped", "train")
+    val = make_loader(
+        TileDataset(store, *split_rows(store, splits, tissue, "grouped", "val")), 256, shuffle=False
+    )
+    cfg = TrainConfig.from_params(params["train"], epochs=epochs, patience=epochs)
+    augment = Augment.from_params(params["augment"])
+    real = make_loader(
+        TileDataset(store, positions, labels, augment, cfg.seed),
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+    )
+    tensors = TensorDataset(
+        torch.from_numpy(store.tiles(positions))[:, None], torch.from_numpy(labels)
+    )
+    preloaded = DataLoader(
+        tensors,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    rates = {}
+    for name, loader in (("real loader", real), ("pre-loaded", preloaded)):
+        seed_everything(cfg.seed, cfg.threads)
+        t0 = time.perf_counter()
+        fit(build_cnn(ARCH), loader, val, cfg)
+        rates[name] = len(positions) * epochs / (time.perf_counter() - t0)
+        print(f"{name:12s}    {rates[name]:8.0f} tiles/s ({epochs} epochs incl. validation)")
+    print(f"ratio           {rates['real loader'] / rates['pre-loaded']:8.2f}  (goal >= 0.9)")
+
+
+def pruning(params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, trials: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("median", "none"):
+            cfg = copy.deepcopy(params["search"])
+            cfg.update(
+                n_trials=trials,
+                storage=str(Path(tmp) / f"{kind}.journal"),
+                timeout_s=None,
+                pruner={**cfg["pruner"], "kind": kind},
+            )
+            t0 = time.perf_counter()
+            study = search.run_search(
+                store, splits, tissue, cfg, params["train"], params["augment"]
+            )
+            s = search.summary(study)
+            print(
+                f"pruner {kind:6s}   epochs {s['epochs_spent']:4d}  best val balanced "
+                f"accuracy {s['best_value']:.4f}  states {s['states']}  "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tissue", default="trabecular")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--tiles", default="data/tiles")
+    parser.add_argument("--splits", default="data/splits.parquet")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    store, splits = TileStore(args.tiles), pd.read_parquet(args.splits)
+    print("== throughput")
+    throughput(params, store, splits, args.tissue, args.epochs)
+    print("== pruning")
+    pruning(params, store, splits, args.tissue, args.trials)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Models, training, architecture search and evaluation (no tracking: see lifecycle)."""

@@ -1,0 +1,120 @@
+"""Final models of a tissue: the best searched CNN and the transfer-learned ResNets.
+
+Both train on the train split with early stopping on the validation split of the same
+scheme (``grouped`` by default; ``leaky`` to measure how much a leaky split inflates
+accuracy). The ResNet's backbone can stay frozen for the first ``freeze_epochs`` while
+the new head settles, then everything trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from bonedamage.atomic import atomic_path, write_text_atomic
+from bonedamage.data.tilestore import TileStore
+from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
+from bonedamage.learn.models import build_cnn, resnet_from_init, set_backbone_trainable
+from bonedamage.learn.train import EpochCallback, FitResult, TrainConfig, fit, seed_everything
+
+
+def fit_on_split(
+    model: nn.Module,
+    store: TileStore,
+    splits: pd.DataFrame,
+    tissue: str,
+    scheme: str,
+    augment: Augment,
+    cfg: TrainConfig,
+    **callbacks: Any,
+) -> FitResult:
+    """Fit on the train split (augmented) with early stopping on the val split of ``scheme``."""
+    train = TileDataset(
+        store, *split_rows(store, splits, tissue, scheme, "train"), augment, cfg.seed
+    )
+    val = TileDataset(store, *split_rows(store, splits, tissue, scheme, "val"))
+    return fit(
+        model,
+        make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
+        make_loader(val, 256, shuffle=False),
+        cfg,
+        **callbacks,
+    )
+
+
+def train_cnn(
+    store: TileStore,
+    splits: pd.DataFrame,
+    tissue: str,
+    best: dict[str, Any],
+    train_cfg: dict[str, Any],
+    augment_cfg: dict[str, Any],
+    *,
+    scheme: str = "grouped",
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Module, FitResult]:
+    """Train the CNN of the best trial (``best`` from :func:`search.best_config`)."""
+    cfg = TrainConfig.from_params(
+        train_cfg, lr=best["lr"], weight_decay=best["weight_decay"], batch_size=best["batch_size"]
+    )
+    seed_everything(cfg.seed, cfg.threads)
+    model = build_cnn(best["arch"])
+    augment = Augment.from_params(augment_cfg, best["augment_strength"])
+    result = fit_on_split(model, store, splits, tissue, scheme, augment, cfg, on_epoch=on_epoch)
+    return model, result
+
+
+def train_resnet(
+    store: TileStore,
+    splits: pd.DataFrame,
+    tissue: str,
+    init: str,
+    resnet_cfg: dict[str, Any],
+    augment_cfg: dict[str, Any],
+    *,
+    pretext_path: Path | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Module, FitResult]:
+    """Fine-tune a ResNet (``init``: imagenet, pretext or scratch) on the grouped split."""
+    cfg = TrainConfig.from_params(resnet_cfg)
+    seed_everything(cfg.seed, cfg.threads)
+    model = resnet_from_init(
+        resnet_cfg["arch"],
+        init,
+        weights_path=resnet_cfg.get("weights_path"),
+        pretext_path=pretext_path,
+    )
+    freeze = int(resnet_cfg.get("freeze_epochs", 0)) if init != "scratch" else 0
+
+    def schedule(epoch: int) -> None:
+        set_backbone_trainable(model, epoch >= freeze)
+
+    augment = Augment.from_params(augment_cfg, float(resnet_cfg.get("augment_strength", 1.0)))
+    result = fit_on_split(
+        model,
+        store,
+        splits,
+        tissue,
+        "grouped",
+        augment,
+        cfg,
+        on_epoch=on_epoch,
+        before_epoch=schedule,
+    )
+    set_backbone_trainable(model, True)
+    return model, result
+
+
+def save_model(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write the state dict (``.pt``, loadable with ``weights_only=True``) and a JSON sidecar
+    describing how to rebuild the module, both atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    write_text_atomic(
+        path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n"
+    )

@@ -1,0 +1,165 @@
+"""Training loop: AdamW, cross-entropy, early stopping on validation balanced accuracy.
+
+One loop serves the Optuna trials, the final CNN, the ResNet fine-tuning and the
+rotation pretext task. It runs on a GPU when there is one (``device: auto``) with mixed
+precision there, and on the CPU otherwise, where a fixed seed, deterministic algorithms
+and a fixed thread count give the same weights and metrics on every run. Callbacks let
+the caller prune (Optuna), log (MLflow) or change what trains (a freeze schedule)
+without this module knowing about either.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; ``device`` is ``auto``, ``cpu`` or ``cuda``."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    threads: int = 2
+
+    @classmethod
+    def from_params(cls, cfg: dict[str, Any], **overrides: Any) -> TrainConfig:
+        known = {k: v for k, v in {**cfg, **overrides}.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class FitResult:
+    """Best weights (by validation balanced accuracy) and the per-epoch history."""
+
+    state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use 'auto'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed Python, numpy and torch; deterministic kernels; a fixed CPU thread count."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def fit(
+    model: nn.Module,
+    train: DataLoader,
+    val: DataLoader,
+    cfg: TrainConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``model`` and return its best-validation weights.
+
+    ``before_epoch(epoch)`` runs first in every epoch (e.g. unfreeze the backbone);
+    ``on_epoch(epoch, metrics)`` after validation (it may raise to stop, e.g. a pruned
+    Optuna trial). Stops after ``patience`` epochs without improvement.
+    """
+    device = resolve_device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = nn.CrossEntropyLoss()
+    best = FitResult(copy.deepcopy(model.state_dict()), -1, -1.0)
+    stale, start = 0, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        for loader in (train, val):
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+        model.train()
+        total, count = 0.0, 0
+        for x, y in train:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        prob, labels, val_loss = predict(model, val, device, with_loss=True)
+        score = float(balanced_accuracy_score(labels, prob.argmax(1)))
+        metrics = {
+            "train_loss": total / max(count, 1),
+            "val_loss": val_loss,
+            "val_balanced_accuracy": score,
+            "val_accuracy": float((prob.argmax(1) == labels).mean()),
+        }
+        best.history.append({"epoch": epoch, **metrics})
+        if score > best.best_score:
+            best.state_dict = copy.deepcopy(model.state_dict())
+            best.best_epoch, best.best_score, stale = epoch, score, 0
+        else:
+            stale += 1
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if stale >= cfg.patience:
+            break
+    best.seconds = time.perf_counter() - start
+    model.load_state_dict(best.state_dict)
+    return best
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str = "cpu",
+    *,
+    with_loss: bool = False,
+) -> Any:
+    """Class probabilities (n, classes) and labels; with ``with_loss`` also the mean loss."""
+    device = torch.device(device)
+    model.to(device).eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            logits = model(x.to(device)).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        labels.append(y.numpy())
+    prob, label = np.concatenate(probs), np.concatenate(labels)
+    if with_loss:
+        return prob, label, loss_sum / max(len(label), 1)
+    return prob, label

@@ -1,0 +1,1 @@
+"""Model lifecycle: MLflow tracking of the learning stages, registry and regression gate."""

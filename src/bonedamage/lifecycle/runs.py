@@ -1,0 +1,297 @@
+"""Tracked runs of the learning stages: search, train_cnn, pretrain, train_resnet, evaluate.
+
+Each function is one DVC stage for one tissue: it reads the tile store and splits,
+calls the pure ``learn`` code, writes the stage's outputs (atomically) and records the
+run in MLflow with its params, per-epoch metrics, artifacts and the data/code version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from bonedamage.atomic import write_text_atomic
+from bonedamage.data.tilestore import TileStore
+from bonedamage.learn import baseline, evaluate, search
+from bonedamage.learn.data import TileDataset, make_loader, split_rows
+from bonedamage.learn.final import save_model, train_cnn, train_resnet
+from bonedamage.learn.models import build_cnn, build_resnet, load_state_dict_file, pretext_model
+from bonedamage.learn.pretext import pretrain
+from bonedamage.learn.train import (
+    FitResult,
+    TrainConfig,
+    predict,
+    resolve_device,
+    seed_everything,
+)
+from bonedamage.lifecycle.tracking import MlflowSearchHooks, log_history, version_tags
+
+
+def _inputs(tiles: Path, splits: Path) -> tuple[TileStore, pd.DataFrame]:
+    return TileStore(tiles), pd.read_parquet(splits)
+
+
+def run_search(
+    params: dict[str, Any],
+    tissue: str,
+    tiles: Path,
+    splits: Path,
+    out: Path,
+    reports: Path,
+    worker: int = 0,
+) -> dict[str, Any]:
+    """Optuna study of the CNN family; write the best configuration and the study plots."""
+    store, table = _inputs(tiles, splits)
+    cfg = params["search"]
+    with mlflow.start_run(
+        run_name=f"search-{tissue}", tags={**version_tags(), "stage": "search", "tissue": tissue}
+    ):
+        mlflow.log_params(
+            {
+                "n_trials": cfg["n_trials"],
+                "epochs": cfg["epochs"],
+                "storage": cfg["storage"],
+                "pruner": json.dumps(cfg["pruner"]),
+                "space": json.dumps(cfg["space"], sort_keys=True),
+            }
+        )
+        study = search.run_search(
+            store,
+            table,
+            tissue,
+            cfg,
+            params["train"],
+            params["augment"],
+            hooks=MlflowSearchHooks(),
+            worker=worker,
+        )
+        best = {
+            **search.best_config(study),
+            "study": study.study_name,
+            "summary": search.summary(study),
+        }
+        mlflow.set_tag("optuna.study", study.study_name)
+        mlflow.log_metric("best_val_balanced_accuracy", best["value"])
+        for plot in search.save_plots(study, reports / tissue):
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+    write_text_atomic(out, json.dumps(best, indent=2, sort_keys=True) + "\n")
+    return best
+
+
+def run_train_cnn(
+    params: dict[str, Any], tissue: str, tiles: Path, splits: Path, best: Path, out_dir: Path
+) -> dict[str, float]:
+    """The final CNN on the grouped split, and the same recipe on the leaky split."""
+    store, table = _inputs(tiles, splits)
+    config = json.loads(best.read_text())
+    scores = {}
+    for scheme, name in (("grouped", "cnn"), ("leaky", "cnn_leaky")):
+        with mlflow.start_run(
+            run_name=f"{name}-{tissue}",
+            tags={**version_tags(), "stage": "train_cnn", "tissue": tissue, "scheme": scheme},
+        ):
+            mlflow.log_params(
+                {
+                    **config["arch"],
+                    **{
+                        k: config[k]
+                        for k in ("lr", "weight_decay", "batch_size", "augment_strength")
+                    },
+                    "scheme": scheme,
+                }
+            )
+            model, result = train_cnn(
+                store, table, tissue, config, params["train"], params["augment"], scheme=scheme
+            )
+            meta = {"kind": "cnn", "arch": config["arch"], "tissue": tissue, "scheme": scheme}
+            _finish(model, result, store, out_dir / f"{name}.pt", meta)
+            scores[name] = result.best_score
+    return scores
+
+
+def _finish(
+    model: torch.nn.Module, result: FitResult, store: TileStore, path: Path, meta: dict[str, Any]
+) -> None:
+    """Log a fit's history and score to the active run; save the model and its sidecar."""
+    log_history(result.history)
+    mlflow.log_metrics(
+        {"best_val_balanced_accuracy": result.best_score, "train_seconds": result.seconds}
+    )
+    save_model(
+        path,
+        model,
+        {
+            **meta,
+            "best_epoch": result.best_epoch,
+            "val_balanced_accuracy": result.best_score,
+            "tile_px": int(store.index["tile_px"].iloc[0]),
+        },
+    )
+    mlflow.log_artifact(str(path.with_suffix(".json")), artifact_path="model")
+
+
+def run_pretrain(
+    params: dict[str, Any], tissue: str, tiles: Path, splits: Path, out: Path
+) -> float:
+    """Rotation-prediction pretraining of the ResNet backbone on train-split tiles."""
+    store, table = _inputs(tiles, splits)
+    rcfg = params["resnet"]
+    cfg = TrainConfig.from_params(
+        {**params["train"], **rcfg}, epochs=rcfg["pretext_epochs"], patience=rcfg["pretext_epochs"]
+    )
+    seed_everything(cfg.seed, cfg.threads)
+    model = pretext_model(rcfg["arch"])
+    train = TileDataset(store, *split_rows(store, table, tissue, "grouped", "train"))
+    val = TileDataset(store, *split_rows(store, table, tissue, "grouped", "val"))
+    with mlflow.start_run(
+        run_name=f"pretext-{tissue}", tags={**version_tags(), "stage": "pretrain", "tissue": tissue}
+    ):
+        mlflow.log_params({"arch": rcfg["arch"], "task": "rotation", "epochs": cfg.epochs})
+        result = pretrain(model, train, val, cfg)
+        log_history(result.history)
+        save_model(
+            out,
+            model,
+            {
+                "kind": "pretext",
+                "arch": rcfg["arch"],
+                "task": "rotation",
+                "val_balanced_accuracy": result.best_score,
+            },
+        )
+    return result.best_score
+
+
+def run_train_resnet(
+    params: dict[str, Any], tissue: str, tiles: Path, splits: Path, pretext: Path, out_dir: Path
+) -> dict[str, float]:
+    """Fine-tune one ResNet per init in ``resnet.inits``."""
+    store, table = _inputs(tiles, splits)
+    rcfg = {**params["train"], **params["resnet"]}
+    scores = {}
+    for init in params["resnet"]["inits"]:
+        with mlflow.start_run(
+            run_name=f"resnet_{init}-{tissue}",
+            tags={**version_tags(), "stage": "train_resnet", "tissue": tissue, "init": init},
+        ):
+            mlflow.log_params(
+                {
+                    k: rcfg[k]
+                    for k in ("arch", "freeze_epochs", "epochs", "lr", "weight_decay", "batch_size")
+                }
+                | {"init": init}
+            )
+            model, result = train_resnet(
+                store,
+                table,
+                tissue,
+                init,
+                rcfg,
+                params["augment"],
+                pretext_path=pretext if init == "pretext" else None,
+            )
+            meta = {"kind": "resnet", "arch": rcfg["arch"], "init": init, "tissue": tissue}
+            _finish(model, result, store, out_dir / f"resnet_{init}.pt", meta)
+            scores[f"resnet_{init}"] = result.best_score
+    return scores
+
+
+def load_model(path: Path) -> torch.nn.Module:
+    """Rebuild a saved model from its JSON sidecar and state dict (weights_only load)."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = build_cnn(meta["arch"]) if meta["kind"] == "cnn" else build_resnet(meta["arch"])
+    model.load_state_dict(load_state_dict_file(path))
+    return model.eval()
+
+
+def _frame(
+    store: TileStore, positions: np.ndarray, labels: np.ndarray, prob: np.ndarray
+) -> pd.DataFrame:
+    rows = store.index.iloc[positions]
+    return pd.DataFrame(
+        {
+            "tile_id": rows["tile_id"].to_numpy(),
+            "specimen_id": rows["specimen_id"].to_numpy(),
+            "scan_id": rows["scan_id"].to_numpy(),
+            "label": labels,
+            "prob": prob,
+            "damage_fraction": rows["damage_fraction"].to_numpy(),
+        }
+    )
+
+
+def run_evaluate(
+    params: dict[str, Any],
+    tissue: str,
+    tiles: Path,
+    splits: Path,
+    models: Path,
+    out: Path,
+    plots: Path,
+) -> dict[str, Any]:
+    """Test-split metrics of every model of a tissue, the baseline, and the leaky inflation."""
+    store, table = _inputs(tiles, splits)
+    cfg = params["evaluate"]
+    device = resolve_device(params["train"]["device"])
+    seed_everything(int(cfg["seed"]), int(params["train"]["threads"]))
+    test_pos, test_y = split_rows(store, table, tissue, "grouped", "test")
+    leaky_pos, leaky_y = split_rows(store, table, tissue, "leaky", "test")
+    names = ["cnn", *(f"resnet_{i}" for i in params["resnet"]["inits"])]
+    results: dict[str, Any] = {}
+    frames = {}
+
+    def score(name: str, positions: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> dict:
+        frame = _frame(store, positions, labels, prob)
+        frames[name] = frame
+        return evaluate.evaluate_predictions(
+            frame,
+            visible=cfg["visible_damage_fraction"],
+            n_boot=int(cfg["bootstrap"]),
+            seed=int(cfg["seed"]),
+        )
+
+    for name in names:
+        model = load_model(
+            models / f"{name}.pt" if name == "cnn" else models / "resnet" / f"{name}.pt"
+        )
+        prob, _ = predict(
+            model, make_loader(TileDataset(store, test_pos, test_y), 256, shuffle=False), device
+        )
+        results[name] = score(name, test_pos, test_y, prob[:, 1])
+    leaky = load_model(models / "cnn_leaky.pt")
+    prob, _ = predict(
+        leaky, make_loader(TileDataset(store, leaky_pos, leaky_y), 256, shuffle=False), device
+    )
+    results["cnn_leaky_split"] = score("cnn_leaky_split", leaky_pos, leaky_y, prob[:, 1])
+    train_pos, train_y = split_rows(store, table, tissue, "grouped", "train")
+    clf = baseline.fit_baseline(
+        store.tiles(train_pos), train_y, kind=cfg["baseline"], seed=int(cfg["seed"])
+    )
+    results["baseline"] = score(
+        "baseline", test_pos, test_y, baseline.predict_baseline(clf, store.tiles(test_pos))
+    )
+    evaluate.write_json(out, results)
+    plots.mkdir(parents=True, exist_ok=True)
+    for name, frame in frames.items():
+        roc = evaluate.roc_points(frame["label"].to_numpy(), frame["prob"].to_numpy())
+        write_text_atomic(plots / f"roc_{name}.csv", roc.to_csv(index=False))
+    with mlflow.start_run(
+        run_name=f"evaluate-{tissue}",
+        tags={**version_tags(), "stage": "evaluate", "tissue": tissue},
+    ):
+        for name, metrics in results.items():
+            mlflow.log_metrics(
+                {
+                    f"{name}.{k}": float(v)
+                    for k, v in metrics.items()
+                    if isinstance(v, int | float) and v is not None
+                }
+            )
+        mlflow.log_artifact(str(out))
+    return results

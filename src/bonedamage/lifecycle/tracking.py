@@ -1,0 +1,113 @@
+"""MLflow tracking: where runs go, what every run is tagged with, and the search hooks.
+
+Default store: a SQLite file in the repository (``mlflow.db``, embedded, nothing to
+start) with artifacts under ``mlartifacts/``; ``MLFLOW_TRACKING_URI`` overrides it (a
+remote ``mlflow server``). Every run carries the data version (the DVC hashes of
+``data/raw`` and of the tiles and splits) and the git commit, so a metric can always be
+traced to the exact data and code that produced it. Telemetry is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow
+import optuna
+
+
+def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
+    """Point MLflow at the configured store and experiment; return the tracking URI."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo / cfg['db']).resolve()}"
+    mlflow.set_tracking_uri(uri)
+    name = cfg["experiment"]
+    if mlflow.get_experiment_by_name(name) is None:
+        artifacts = (
+            (repo / cfg["artifacts"]).resolve().as_uri()
+            if "://" not in str(cfg["artifacts"])
+            else cfg["artifacts"]
+        )
+        mlflow.create_experiment(name, artifact_location=artifacts)
+    mlflow.set_experiment(name)
+    return uri
+
+
+def _dvc_out_md5(stage_file: Path, path: str) -> str | None:
+    """The md5 DVC recorded for output ``path`` in a .dvc file or dvc.lock."""
+    if not stage_file.exists():
+        return None
+    doc = yaml.safe_load(stage_file.read_text()) or {}
+    outs = list(doc.get("outs", []))
+    for stage in (doc.get("stages") or {}).values():
+        outs += stage.get("outs", [])
+    return next((o.get("md5") for o in outs if o.get("path") == path), None)
+
+
+def version_tags(repo: Path = Path()) -> dict[str, str]:
+    """Data and code version of this run: DVC hashes and the git commit."""
+    tags = {
+        "data.raw_md5": _dvc_out_md5(repo / "data.dvc", "data/raw"),
+        "data.tiles_md5": _dvc_out_md5(repo / "dvc.lock", "data/tiles"),
+        "data.splits_md5": _dvc_out_md5(repo / "dvc.lock", "data/splits.parquet"),
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "params.yaml"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        tags["git.commit"] = commit
+        tags["git.dirty"] = str(bool(dirty.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        tags["git.commit"] = "unknown"
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+def log_history(history: list[dict[str, float]]) -> None:
+    """Per-epoch metrics of a fit, stepped by epoch."""
+    for row in history:
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+class MlflowSearchHooks:
+    """Log every Optuna trial as a nested run of the study's (active) parent run."""
+
+    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        mlflow.start_run(
+            run_name=f"trial-{trial.number:03d}",
+            nested=True,
+            tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)},
+        )
+        mlflow.log_params(params)
+
+    def epoch_end(self, trial: optuna.Trial, epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=epoch)
+
+    def trial_finished(self, trial: optuna.Trial, state: str, value: float | None) -> None:
+        run = mlflow.active_run()
+        if run is None or run.data.tags.get("optuna.trial") != str(trial.number):
+            return
+        mlflow.set_tag("optuna.state", state)
+        if value is not None:
+            mlflow.log_metric("objective_val_balanced_accuracy", value)
+        mlflow.end_run(status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")

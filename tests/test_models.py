@@ -1,0 +1,278 @@
+"""Models (learn/models.py): the CNN family, ResNet inits, offline weights, safe loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from bonedamage.learn import models
+from bonedamage.learn.models import WeightsError
+
+ARCH = {
+    "n_blocks": 3,
+    "base_filters": 8,
+    "filter_growth": 1.5,  # 8, 12, 18 filters: GroupNorm must cope with 12 and 18
+    "kernel_size": 3,
+    "norm": "batch",
+    "pool": "max",
+    "dropout": 0.1,
+    "dense_units": 16,
+}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any download attempt fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch cache: TORCH_HOME points into tmp_path."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert Path(torch.hub.get_dir()) == tmp_path / "torch" / "hub"
+    return tmp_path / "torch" / "hub"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"norm": "group", "pool": "avg", "kernel_size": 5},
+        {"norm": "none", "n_blocks": 5, "filter_growth": 1.0, "dropout": 0.0},
+        {"n_blocks": 2, "base_filters": 16, "filter_growth": 2, "dense_units": 32},
+    ],
+)
+def test_cnn_family_shapes(change: dict) -> None:
+    arch = {**ARCH, **change}
+    model = models.build_cnn(arch).eval()
+    for size in (64, 32):
+        assert model(torch.zeros(2, 1, size, size)).shape == (2, 2)
+    assert len(model.features) == arch["n_blocks"]
+    assert models.gradcam_target_layer(model) is model.features[-1]
+    convs = [m for m in model.features[-1] if isinstance(m, nn.Conv2d)]
+    growth = arch["filter_growth"] ** (arch["n_blocks"] - 1)
+    assert convs[-1].out_channels == round(arch["base_filters"] * growth)
+
+
+def test_cnn_rejects_tiles_smaller_than_its_pooling() -> None:
+    model = models.build_cnn({**ARCH, "n_blocks": 4}).eval()
+    assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 2)
+    with pytest.raises(ValueError, match="16 px"):
+        model(torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("kernel_size", 4),
+        ("n_blocks", 6),
+        ("n_blocks", 2.0),
+        ("norm", "layer"),
+        ("pool", "median"),
+        ("dropout", 0.9),
+        ("base_filters", 0),
+        ("dense_units", True),
+    ],
+)
+def test_cnn_arch_values_are_checked(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}")):
+        models.build_cnn({**ARCH, key: value})
+
+
+def test_cnn_arch_keys_are_checked_and_size_grows() -> None:
+    with pytest.raises(ValueError, match="missing 'pool'"):
+        models.build_cnn({k: v for k, v in ARCH.items() if k != "pool"})
+    with pytest.raises(ValueError, match="dense_unit"):
+        models.build_cnn({**ARCH, "dense_unit": 8})
+    small = models.count_parameters(models.build_cnn(ARCH))
+    assert models.count_parameters(models.build_cnn({**ARCH, "base_filters": 16})) > small
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnets_take_one_channel(arch: str) -> None:
+    model = models.build_resnet(arch).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
+    assert model.conv1.in_channels == 1 and model.conv1.bias is None
+    assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
+    assert models.gradcam_target_layer(model) is model.layer4[-1]
+    assert models.pretext_model(arch).fc.out_features == 4
+
+
+def imagenet_like(path: Path) -> dict[str, torch.Tensor]:
+    """A torchvision-format (3-channel conv1) resnet18 state dict with known values."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer3.0.conv1.weight"].fill_(0.25)
+    torch.save(state, path)
+    return state
+
+
+def test_imagenet_init_from_a_weights_file(tmp_path: Path, hub_dir: Path) -> None:
+    state = imagenet_like(tmp_path / "w.pth")
+    model = models.resnet_from_init("resnet18", "imagenet", weights_path=tmp_path / "w.pth")
+    assert torch.allclose(model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
+    assert torch.equal(model.bn1.running_var, state["bn1.running_var"])
+    assert model.fc.out_features == 2
+    with pytest.raises(WeightsError, match="weights_path"):
+        models.resnet_from_init("resnet18", "imagenet", weights_path=tmp_path / "none.pth")
+    with pytest.raises(WeightsError, match=r"w\.pth"):  # resnet18 weights do not fit resnet50
+        models.resnet_from_init("resnet50", "imagenet", weights_path=tmp_path / "w.pth")
+
+
+def test_imagenet_init_from_the_torch_cache_and_the_offline_error(hub_dir: Path) -> None:
+    expected = hub_dir / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(WeightsError) as err:
+        models.resnet_from_init("resnet18", "imagenet")
+    message = str(err.value)
+    assert str(expected) in message and "weights_path" in message
+    assert "downloaded" in message
+    expected.parent.mkdir(parents=True)
+    state = imagenet_like(expected)
+    model = models.resnet_from_init("resnet18", "imagenet")
+    assert torch.equal(model.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
+    with pytest.raises(WeightsError, match=r"resnet50-0676ba61\.pth"):
+        models.imagenet_state_dict("resnet50")
+
+
+def test_adapt_first_conv() -> None:
+    rgb = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    other = torch.ones(3)
+    state = {"conv1.weight": rgb, "bn1.weight": other}
+    out = models.adapt_first_conv(state)
+    assert out["conv1.weight"].shape == (2, 1, 2, 2)
+    assert torch.equal(out["conv1.weight"][:, 0], rgb[:, 0] + rgb[:, 1] + rgb[:, 2])
+    assert out["bn1.weight"] is other and state["conv1.weight"] is rgb  # input untouched
+    grey = {"conv1.weight": rgb[:, :1]}
+    assert torch.equal(models.adapt_first_conv(grey)["conv1.weight"], rgb[:, :1])
+    with pytest.raises(WeightsError, match=r"conv1\.weight"):
+        models.adapt_first_conv({"bn1.weight": other})
+
+
+def test_pretext_init_takes_the_backbone_and_a_fresh_head(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    pretext = models.pretext_model("resnet18")
+    with torch.no_grad():
+        pretext.layer2[1].conv1.weight.fill_(0.5)
+        pretext.conv1.weight.fill_(-0.5)
+    torch.save(pretext.state_dict(), tmp_path / "p.pt")
+    model = models.resnet_from_init("resnet18", "pretext", pretext_path=tmp_path / "p.pt")
+    for key, value in pretext.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model.fc.weight.shape == (2, 512)
+    for path in (None, tmp_path / "none.pt"):
+        with pytest.raises(WeightsError, match="pretrain"):
+            models.resnet_from_init("resnet18", "pretext", pretext_path=path)
+
+
+def test_scratch_init_and_unknown_names() -> None:
+    torch.manual_seed(2)
+    model = models.resnet_from_init("resnet18", "scratch")
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 2
+    with pytest.raises(ValueError, match=r"init 'nope'.*pretext"):
+        models.resnet_from_init("resnet18", "nope")
+    with pytest.raises(ValueError, match=r"arch 'vgg16'.*resnet50"):
+        models.build_resnet("vgg16")
+
+
+class _Evil:
+    """Unpickling this would create a directory: weights_only must refuse it."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.target),))
+
+
+def bad_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "module":
+        torch.save(torch.nn.Linear(2, 2), path)  # a whole pickled module
+    elif kind == "garbage":
+        path.write_bytes(b"\x00not a torch file" * 10)
+    elif kind == "list":
+        torch.save([torch.zeros(1)], path)
+    elif kind == "non_tensor":
+        torch.save({"w": torch.zeros(1), "note": "hello"}, path)
+    elif kind == "truncated":
+        torch.save({"w": torch.zeros(100)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "empty":
+        torch.save({}, path)
+    elif kind == "evil_torch":
+        torch.save({"w": _Evil(tmp_path / "pwned")}, path)
+    elif kind == "evil_pickle":
+        path.write_bytes(pickle.dumps({"w": _Evil(tmp_path / "pwned")}, protocol=2))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "module",
+        "garbage",
+        "truncated",
+        "list",
+        "non_tensor",
+        "empty",
+        "evil_torch",
+        "evil_pickle",
+        "missing",
+    ],
+)
+def test_weights_files_that_are_not_state_dicts_are_refused(tmp_path: Path, kind: str) -> None:
+    path = bad_file(tmp_path, kind)
+    with pytest.raises(WeightsError) as err:
+        models.load_state_dict_file(path)
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "pwned").exists()  # nothing was executed
+
+
+def test_wrapped_checkpoints_load(tmp_path: Path) -> None:
+    state = models.build_cnn(ARCH).state_dict()
+    for wrapper in ("state_dict", "model"):
+        torch.save({"epoch": 3, wrapper: state}, tmp_path / "c.pt")
+        loaded = models.load_state_dict_file(tmp_path / "c.pt")
+        assert loaded.keys() == state.keys()
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_freezing_leaves_only_the_head_trainable() -> None:
+    cnn, resnet = models.build_cnn(ARCH), models.build_resnet("resnet18")
+    for model, head in ((cnn, cnn.head), (resnet, resnet.fc)):
+        total = models.count_parameters(model)
+        models.set_backbone_trainable(model, False)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable == {id(p) for p in head.parameters()}
+        assert models.count_parameters(model, trainable_only=True) == sum(
+            p.numel() for p in head.parameters()
+        )
+        models.set_backbone_trainable(model, True)
+        assert all(p.requires_grad for p in model.parameters())
+        assert models.count_parameters(model, trainable_only=True) == total
+
+
+def test_gradcam_target_layer_fallback_and_error() -> None:
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert models.gradcam_target_layer(model) is conv
+    with pytest.raises(ValueError, match="convolutional"):
+        models.gradcam_target_layer(nn.Sequential(nn.Linear(2, 2)))

@@ -1,0 +1,78 @@
+"""The tracked learning stages end to end on a tiny dataset (lifecycle/runs.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from bonedamage.lifecycle import runs, tracking
+
+
+@pytest.fixture(scope="module")
+def trained(learn_data, learn_params, tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("runs")
+    tracking.configure({"db": "m.db", "artifacts": "art", "experiment": "runs"}, tmp)
+    params = {
+        **learn_params,
+        "search": {**learn_params["search"], "storage": str(tmp / "s.journal")},
+    }
+    models = tmp / "models" / "trabecular"
+    runs.run_search(params, "trabecular", *learn_data, models / "cnn_search.json", tmp / "rep")
+    runs.run_train_cnn(params, "trabecular", *learn_data, models / "cnn_search.json", models)
+    runs.run_pretrain(params, "trabecular", *learn_data, models / "pretext.pt")
+    runs.run_train_resnet(
+        params, "trabecular", *learn_data, models / "pretext.pt", models / "resnet"
+    )
+    return tmp, params
+
+
+def test_stage_outputs_are_weights_only_state_dicts_with_sidecars(trained) -> None:
+    tmp, params = trained
+    models = tmp / "models" / "trabecular"
+    for name in (
+        "cnn",
+        "cnn_leaky",
+        "pretext",
+        *(f"resnet/resnet_{i}" for i in params["resnet"]["inits"]),
+    ):
+        assert (models / f"{name}.pt").is_file()
+        meta = json.loads((models / f"{name}.json").read_text())
+        assert meta["kind"] in ("cnn", "pretext", "resnet")
+    model = runs.load_model(models / "resnet" / "resnet_pretext.pt")
+    assert model.fc.out_features == 2
+
+
+def test_evaluate_writes_every_model_and_is_deterministic(trained, learn_data) -> None:
+    tmp, params = trained
+    models = tmp / "models" / "trabecular"
+    out_a, out_b = tmp / "a.json", tmp / "b.json"
+    results = runs.run_evaluate(params, "trabecular", *learn_data, models, out_a, tmp / "plots")
+    runs.run_evaluate(params, "trabecular", *learn_data, models, out_b, tmp / "plots")
+    assert out_a.read_bytes() == out_b.read_bytes()
+    expected = {
+        "cnn",
+        "cnn_leaky_split",
+        "baseline",
+        *(f"resnet_{i}" for i in params["resnet"]["inits"]),
+    }
+    assert set(results) == expected == set(json.loads(out_a.read_text()))
+    for metrics in results.values():
+        for key in (
+            "accuracy",
+            "balanced_accuracy",
+            "roc_auc",
+            "f1",
+            "ece",
+            "accuracy_ci95",
+            "scan_accuracy",
+            "confusion_matrix",
+        ):
+            assert key in metrics
+    assert (tmp / "plots" / "roc_cnn.csv").is_file()
+    logged = mlflow.search_runs(experiment_names=["runs"], output_format="list")
+    stages = {r.data.tags.get("stage") for r in logged}
+    assert {"search", "train_cnn", "pretrain", "train_resnet", "evaluate"} <= stages
+    assert all(r.data.tags.get("data.raw_md5") for r in logged if r.data.tags.get("stage"))

@@ -1,0 +1,93 @@
+"""The training loop (learn/train.py): determinism, early stopping, callbacks, devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bonedamage.data.tilestore import TileStore
+from bonedamage.learn.data import TileDataset, make_loader, split_rows
+from bonedamage.learn.models import build_cnn
+from bonedamage.learn.train import TrainConfig, fit, predict, resolve_device, seed_everything
+
+ARCH = {
+    "n_blocks": 2,
+    "base_filters": 4,
+    "filter_growth": 1.0,
+    "kernel_size": 3,
+    "norm": "batch",
+    "pool": "max",
+    "dropout": 0.0,
+    "dense_units": 8,
+}
+
+
+def loaders(learn_data: tuple[Path, Path], seed: int = 0):
+    store, table = TileStore(learn_data[0]), pd.read_parquet(learn_data[1])
+    train = TileDataset(store, *split_rows(store, table, "cortical", "grouped", "train"))
+    val = TileDataset(store, *split_rows(store, table, "cortical", "grouped", "val"))
+    return make_loader(train, 32, shuffle=True, seed=seed), make_loader(val, 64, shuffle=False)
+
+
+def train_once(learn_data, cfg: TrainConfig):
+    seed_everything(cfg.seed, cfg.threads)
+    model = build_cnn(ARCH)
+    return model, fit(model, *loaders(learn_data, cfg.seed), cfg)
+
+
+def test_same_seed_same_weights_and_metrics_on_the_cpu(learn_data) -> None:
+    cfg = TrainConfig(epochs=2, patience=2, device="cpu", seed=5, threads=1)
+    _, a = train_once(learn_data, cfg)
+    _, b = train_once(learn_data, cfg)
+    assert a.history == b.history
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    _, c = train_once(
+        learn_data, TrainConfig(epochs=2, patience=2, device="cpu", seed=6, threads=1)
+    )
+    assert c.history != a.history
+
+
+def test_learns_and_keeps_the_best_epoch(learn_data) -> None:
+    model, result = train_once(
+        learn_data, TrainConfig(epochs=4, patience=4, device="cpu", lr=3e-3, threads=1)
+    )
+    assert result.best_score == max(h["val_balanced_accuracy"] for h in result.history)
+    assert result.history[result.best_epoch]["val_balanced_accuracy"] == result.best_score
+    prob, labels = predict(model, loaders(learn_data)[1])
+    assert prob.shape == (len(labels), 2) and abs(prob.sum(1) - 1).max() < 1e-5
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]  # it learns
+
+
+def test_early_stopping_and_callbacks(learn_data) -> None:
+    seen, started = [], []
+    model = build_cnn({**ARCH, "norm": "none"})  # no batch statistics: lr 0 changes nothing
+    cfg = TrainConfig(epochs=10, patience=1, device="cpu", lr=0.0, threads=1)  # lr 0: no progress
+    result = fit(
+        model,
+        *loaders(learn_data),
+        cfg,
+        on_epoch=lambda e, m: seen.append(e),
+        before_epoch=started.append,
+    )
+    assert len(result.history) == 2 and seen == started == [0, 1]
+
+    class StopError(Exception):
+        pass
+
+    def stop(epoch: int, metrics: dict) -> None:
+        raise StopError
+
+    with pytest.raises(StopError):
+        fit(build_cnn(ARCH), *loaders(learn_data), cfg, on_epoch=stop)
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_device("cuda")
