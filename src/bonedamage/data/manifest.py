@@ -34,7 +34,7 @@ COLUMNS = (
     "sha256",
     "source",
 )
-_DTYPES = {
+DTYPES = {
     "scan_id": "string",
     "specimen_id": "string",
     "tissue": "string",
@@ -72,7 +72,7 @@ def confined(root: str | os.PathLike[str], relpath: str, *, what: str = "path") 
 
 
 def empty_manifest() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=_DTYPES[c]) for c in COLUMNS})
+    return pd.DataFrame({c: pd.Series(dtype=DTYPES[c]) for c in COLUMNS})
 
 
 def read_manifest(data_root: str | os.PathLike[str], *, missing_ok: bool = False) -> pd.DataFrame:
@@ -89,7 +89,7 @@ def read_manifest(data_root: str | os.PathLike[str], *, missing_ok: bool = False
     try:
         df = pd.read_csv(
             path,
-            dtype=_DTYPES,
+            dtype=DTYPES,
             keep_default_na=False,
             na_values={"load_step": [""], "applied_strain": [""]},
         )

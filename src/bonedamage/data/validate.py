@@ -31,55 +31,31 @@ import numpy as np
 import pandas as pd
 
 from bonedamage.atomic import atomic_dir
+from bonedamage.data.manifest import DTYPES as MANIFEST_DTYPES
 from bonedamage.data.manifest import STATES, TISSUES
 from bonedamage.data.splits import SCHEMES, SPLITS
-from bonedamage.data.tiling import LABELS, PLANES
+from bonedamage.data.tiling import INDEX_COLUMNS, LABELS, PLANES
+from bonedamage.data.volume import SUPPORTED_DTYPES
 
-SCAN_DTYPES = ("uint8", "uint16", "float32")
+SCAN_DTYPES = tuple(str(d) for d in SUPPORTED_DTYPES)
 SOURCES = ("synth", "ingest")
 BIG = sys.float_info.max  # "between -BIG and BIG" is "finite" (inf is out, NaN is a null)
 
-# Column kinds: "string", "integer" or "number" (integer or floating point, not bool).
-MANIFEST_SCHEMA: dict[str, str] = {
-    "scan_id": "string",
-    "specimen_id": "string",
-    "tissue": "string",
-    "species": "string",
-    "state": "string",
-    "load_step": "integer",
-    "applied_strain": "number",
-    "voxel_size_um": "number",
-    "path": "string",
-    "mask_path": "string",
-    "shape": "string",
-    "dtype": "string",
-    "sha256": "string",
-    "source": "string",
-}
-TILES_SCHEMA: dict[str, str] = {
-    "tile_id": "string",
-    "scan_id": "string",
-    "specimen_id": "string",
-    "tissue": "string",
-    "state": "string",
-    "label": "integer",
-    "load_step": "integer",
-    "plane": "string",
-    "z": "integer",
-    "y": "integer",
-    "x": "integer",
-    "voxel_size_um": "number",
-    "tile_px": "integer",
-    "norm_lo": "number",
-    "norm_hi": "number",
-    "fov_fraction": "number",
-    "bone_fraction": "number",
-    "mean": "number",
-    "std": "number",
-    "damage_fraction": "number",
-    "chunk": "string",
-    "row": "integer",
-}
+
+def _kinds(dtypes: dict[str, str]) -> dict[str, str]:
+    """Column kinds ("string", "integer" or "number") from the pandas dtypes a table is
+    written with, so the expectations follow the writers' schemas."""
+
+    def kind(dtype: str) -> str:
+        if dtype == "string":
+            return "string"
+        return "integer" if dtype.lower().startswith("int") else "number"
+
+    return {column: kind(dtype) for column, dtype in dtypes.items()}
+
+
+MANIFEST_SCHEMA = _kinds(MANIFEST_DTYPES)
+TILES_SCHEMA = _kinds(INDEX_COLUMNS)
 SPLITS_SCHEMA: dict[str, str] = {
     "tile_id": "string",
     "specimen_id": "string",

@@ -79,7 +79,7 @@ def run_search(
         mlflow.set_tag("optuna.study", study.study_name)
         mlflow.log_metric("best_val_balanced_accuracy", best["value"])
         for plot in search.save_plots(study, reports / tissue):
-            mlflow.log_artifact(str(plot), artifact_path="plots")
+            mlflow.log_artifact(str(plot), "plots")
     write_text_atomic(out, json.dumps(best, indent=2, sort_keys=True) + "\n")
     return best
 
@@ -133,7 +133,7 @@ def _finish(
             "tile_px": int(store.index["tile_px"].iloc[0]),
         },
     )
-    mlflow.log_artifact(str(path.with_suffix(".json")), artifact_path="model")
+    mlflow.log_artifact(str(path.with_suffix(".json")), "model")
 
 
 def run_pretrain(
