@@ -13,6 +13,7 @@ import pytest
 from bonedamage.data import validate
 from bonedamage.data.manifest import COLUMNS
 from bonedamage.data.validate import Failure, ValidationReport, validate_tables
+from conftest import REAL_STACK
 
 CFG = {"max_class_imbalance": 1.5, "min_tiles_per_class": 2}
 TILES_PER_SCAN = 4
@@ -341,3 +342,37 @@ def test_missing_config_key_is_an_error(tables: Tables) -> None:
 
 def test_manifest_schema_covers_manifest_columns() -> None:
     assert tuple(validate.MANIFEST_SCHEMA) == COLUMNS
+
+
+@pytest.mark.skipif(not REAL_STACK.is_dir(), reason="../shared/real is absent")
+def test_real_stack_with_phantoms_tiles_splits_and_validates(learn_params, tmp_path) -> None:
+    """A user's real scan goes through the same tile -> split -> validate path."""
+    from bonedamage.data.ingest import IngestRequest, ingest_scans
+    from bonedamage.data.manifest import read_manifest
+    from bonedamage.data.splits import make_splits
+    from bonedamage.data.synth.generate import generate_dataset
+    from bonedamage.data.tiling import tile_dataset
+
+    root = tmp_path / "raw"
+    generate_dataset(learn_params["synth"], root, progress=False)
+    ingest_scans(
+        [
+            IngestRequest(
+                REAL_STACK,
+                "lhdl-3155",
+                "trabecular",
+                "pristine",
+                voxel_size_um=19.5,
+                species="human",
+            )
+        ],
+        root,
+        progress=False,
+    )
+    index = tile_dataset(root, tmp_path / "tiles", learn_params["tile"], progress=False)
+    assert index.loc[index.scan_id == "lhdl-3155-pristine", "damage_fraction"].isna().all()
+    splits = make_splits(index, learn_params["split"])
+    # one real pristine specimen among three phantom pairs unbalances its split on purpose
+    cfg = {**learn_params["validate"], "max_class_imbalance": 1000.0}
+    report = validate_tables(read_manifest(root), index, splits, cfg)
+    assert report.success, report.summary()
