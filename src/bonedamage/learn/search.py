@@ -22,9 +22,10 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
+from bonedamage.learn.data import Augment
+from bonedamage.learn.final import fit_on_split
 from bonedamage.learn.models import build_cnn
-from bonedamage.learn.train import TrainConfig, fit, seed_everything
+from bonedamage.learn.train import TrainConfig, seed_everything
 
 ARCH_KEYS = (
     "n_blocks",
@@ -131,8 +132,6 @@ def run_search(
     remaining = target - n_finished(study)
     if remaining <= 0:
         return study
-    train_pos, train_y = split_rows(store, splits, tissue, "grouped", "train")
-    val_pos, val_y = split_rows(store, splits, tissue, "grouped", "val")
     epochs = int(cfg["epochs"])
 
     def objective(trial: optuna.Trial) -> float:
@@ -151,13 +150,6 @@ def run_search(
         seed_everything(tc.seed, tc.threads)
         model = build_cnn({k: params[k] for k in ARCH_KEYS})
         augment = Augment.from_params(augment_cfg, params["augment_strength"])
-        train = make_loader(
-            TileDataset(store, train_pos, train_y, augment, tc.seed),
-            tc.batch_size,
-            shuffle=True,
-            seed=tc.seed,
-        )
-        val = make_loader(TileDataset(store, val_pos, val_y), 256, shuffle=False)
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             trial.report(metrics["val_balanced_accuracy"], epoch)
@@ -166,7 +158,7 @@ def run_search(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        result = fit(model, train, val, tc, on_epoch=report)
+        result = fit_on_split(model, store, splits, tissue, "grouped", augment, tc, on_epoch=report)
         trial.set_user_attr("epochs_run", len(result.history))
         return result.best_score
 
