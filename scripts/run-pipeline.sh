@@ -4,6 +4,8 @@
 source "$(dirname "$0")/env.sh"
 if [ -d data/raw ] && dvc status --quiet data.dvc 2>/dev/null; then
   echo "== data/raw matches data.dvc"
+elif dvc checkout --quiet data.dvc 2>/dev/null; then
+  echo "== data/raw restored from the DVC cache"
 elif dvc pull --quiet data.dvc 2>/dev/null; then
   echo "== data/raw pulled from the DVC remote"
 else

@@ -20,7 +20,9 @@ from conftest import REAL_STACK
 
 @pytest.fixture(scope="module")
 def cfg(params: dict) -> dict:
-    return dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0}, chunk_tiles=50)
+    # axial planes for both tissues: the tests read the scan's z slices back
+    tile_um = {"cortical": 25.6, "trabecular": 320.0}
+    return dict(params["tile"], tile_um=tile_um, planes=["axial"], chunk_tiles=50)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,14 @@ def test_other_planes_and_the_slice_stride(small_dataset: Path, cfg: dict, tmp_p
     assert set(sagittal["x"] % 8) == {0} and sagittal["z"].max() > 0
 
 
+def test_planes_per_tissue(small_dataset: Path, cfg: dict, tmp_path) -> None:
+    planes = {"cortical": ["axial"], "trabecular": ["coronal"]}
+    index = tile_dataset(small_dataset, tmp_path / "t", dict(cfg, planes=planes), progress=False)
+    assert index.groupby("tissue")["plane"].unique().map(list).to_dict() == planes
+    coronal = index[index.plane == "coronal"]
+    assert set(coronal["y"] % cfg["slice_stride"]) == {0}
+
+
 def test_a_failing_scan_leaves_no_half_written_output(
     small_dataset: Path, cfg: dict, tiles: Path, tmp_path: Path
 ) -> None:
@@ -187,7 +197,8 @@ def test_real_stack_is_resampled_and_tiled(params: dict, tmp_path: Path) -> None
         root,
         progress=False,
     )
-    index = tile_dataset(root, tmp_path / "tiles", params["tile"], progress=False)
+    cfg = dict(params["tile"], planes=["axial"])
+    index = tile_dataset(root, tmp_path / "tiles", cfg, progress=False)
     assert (index["tile_px"] == 64).all() and (index["voxel_size_um"] == 20.0).all()
     assert index["damage_fraction"].isna().all()  # a real scan has no ground-truth mask
     assert (index["label"] == 0).all() and len(index) > 100

@@ -206,7 +206,8 @@ class TileSettings:
 
     @classmethod
     def from_params(cls, cfg: dict[str, Any], tissue: str) -> TileSettings:
-        planes = tuple(cfg["planes"])
+        planes_cfg = cfg["planes"]
+        planes = tuple(planes_cfg[tissue] if isinstance(planes_cfg, dict) else planes_cfg)
         unknown = sorted(set(planes) - set(PLANES))
         if unknown or not planes:
             raise TilingError(f"tile.planes={list(planes)}: choose from {list(PLANES)}")

@@ -12,16 +12,20 @@ one study. Logging is injected through :class:`SearchHooks` (MLflow lives in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import optuna
 import pandas as pd
+from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
-from bonedamage.data.tilestore import TileStore
+from bonedamage.data.tilestore import INDEX_NAME, TileStore
 from bonedamage.learn.data import Augment
 from bonedamage.learn.final import fit_on_split
 from bonedamage.learn.models import build_cnn
@@ -93,7 +97,27 @@ def make_pruner(cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"search.pruner.kind={kind!r}: use median, hyperband or none")
 
 
-def open_study(tissue: str, cfg: dict[str, Any], worker: int = 0) -> optuna.Study:
+def fingerprint(store: TileStore, *configs: dict[str, Any]) -> str:
+    """Short hash of the tile index and every setting the objective depends on.
+
+    It goes into the study name, so a re-run with the same data and settings continues
+    its study while changed data or settings start a new one in the same storage (a study
+    never mixes trials scored on different tiles or search spaces).
+    """
+    ignored = {"n_trials", "timeout_s", "storage", "study_prefix"}
+    settings = [{k: v for k, v in c.items() if k not in ignored} for c in configs]
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update((store.root / INDEX_NAME).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def study_name(tissue: str, cfg: dict[str, Any], tag: str = "") -> str:
+    """``<prefix>-<tissue>-cnn[-<fingerprint>]``."""
+    name = f"{cfg.get('study_prefix', 'bonedamage')}-{tissue}-cnn"
+    return f"{name}-{tag}" if tag else name
+
+
+def open_study(tissue: str, cfg: dict[str, Any], worker: int = 0, tag: str = "") -> optuna.Study:
     """Create or load the tissue's study (TPE with explicit, seeded settings)."""
     sampler = optuna.samplers.TPESampler(
         seed=int(cfg["seed"]) + worker,
@@ -102,7 +126,7 @@ def open_study(tissue: str, cfg: dict[str, Any], worker: int = 0) -> optuna.Stud
         constant_liar=worker > 0 or bool(cfg.get("constant_liar", False)),
     )
     return optuna.create_study(
-        study_name=f"{cfg.get('study_prefix', 'bonedamage')}-{tissue}-cnn",
+        study_name=study_name(tissue, cfg, tag),
         storage=storage_from(str(cfg["storage"])),
         direction="maximize",
         sampler=sampler,
@@ -127,7 +151,7 @@ def run_search(
     worker: int = 0,
 ) -> optuna.Study:
     """Run the tissue's study until it holds ``n_trials`` finished trials (or ``timeout_s``)."""
-    study = open_study(tissue, cfg, worker)
+    study = open_study(tissue, cfg, worker, fingerprint(store, cfg, train_cfg, augment_cfg))
     target = int(cfg["n_trials"])
     remaining = target - n_finished(study)
     if remaining <= 0:
@@ -198,8 +222,12 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
-    """Optimisation history and parameter importances as PNGs (matplotlib, headless)."""
+def save_plots(study: optuna.Study, out_dir: Path, seed: int = 0) -> list[Path]:
+    """Optimisation history and parameter importances as PNGs (matplotlib, headless).
+
+    The importances' fANOVA forest is seeded and the PNGs carry no software metadata, so
+    the same study gives the same bytes (the files are pipeline outputs in dvc.lock).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +238,9 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     written = []
     plots = {
         "optimization_history.png": ovm.plot_optimization_history,
-        "param_importances.png": ovm.plot_param_importances,
+        "param_importances.png": partial(
+            ovm.plot_param_importances, evaluator=FanovaImportanceEvaluator(seed=seed)
+        ),
     }
     for name, plot in plots.items():
         try:
@@ -221,7 +251,7 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.set_size_inches(8, 5)
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
+        fig.savefig(out_dir / name, dpi=100, metadata={"Software": None})
         plt.close(fig)
         written.append(out_dir / name)
     return written

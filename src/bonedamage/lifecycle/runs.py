@@ -78,7 +78,7 @@ def run_search(
         }
         mlflow.set_tag("optuna.study", study.study_name)
         mlflow.log_metric("best_val_balanced_accuracy", best["value"])
-        for plot in search.save_plots(study, reports / tissue):
+        for plot in search.save_plots(study, reports / tissue, seed=int(cfg["seed"])):
             mlflow.log_artifact(str(plot), "plots")
     write_text_atomic(out, json.dumps(best, indent=2, sort_keys=True) + "\n")
     return best
