@@ -24,9 +24,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from bonedamage.data.synth.generate import SynthError
     from bonedamage.data.tiling import TilingError
     from bonedamage.data.volume import VolumeError
+    from bonedamage.lifecycle.gate import GateError
 
     return (
         ConfigError,
+        GateError,
         IngestError,
         ManifestError,
         SplitError,
@@ -278,6 +280,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Compare reproduced metrics with the committed ones; exit 1 on a regression."""
+    from bonedamage.lifecycle.gate import run_gate, write_report
+
+    cfg = section(load_params(args.params), "gate", args.params)
+    report = run_gate(
+        Path(args.repo),
+        cfg,
+        rev=args.rev,
+        baseline_dir=Path(args.baseline) if args.baseline else None,
+        metrics_dir=Path(args.metrics) if args.metrics else None,
+    )
+    paths = write_report(report, Path(args.out))
+    print(report.to_markdown())
+    print("report: " + ", ".join(map(str, paths)))
+    if report.regressions:
+        print(
+            f"error: {len(report.regressions)} metric(s) dropped beyond tolerance", file=sys.stderr
+        )
+    if report.not_reproduced:
+        print(
+            f"error: {len(report.not_reproduced)} metric(s) not reproduced exactly from the "
+            "baseline's data, code and params",
+            file=sys.stderr,
+        )
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonedamage",
@@ -462,6 +492,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics file (default: metrics/TISSUE.json)")
     p.add_argument("--plots", default="plots", help="ROC curves folder (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "gate",
+        parents=[common],
+        help="regression gate on the metrics",
+        description=cmd_gate.__doc__ + " For every tissue x model x metric in params.yaml "
+        "'gate', the new value (metrics/<tissue>.json) may not drop below the baseline by "
+        "more than the metric's tolerance; when dvc.lock shows the same raw data, code and "
+        "params as the baseline, every metric must match exactly. Writes gate.json and "
+        "gate.md (for a pull-request comment). Exit 0 pass, 1 fail, 2 missing metric/baseline.",
+    )
+    p.add_argument("--rev", default="HEAD", help="git revision of the baseline (default: HEAD)")
+    p.add_argument("--baseline", help="folder of baseline <tissue>.json files (instead of --rev)")
+    p.add_argument("--metrics", help="folder of the new metrics (default: REPO/metrics)")
+    p.add_argument("--repo", default=".", help="repository root (default: %(default)s)")
+    p.add_argument("--out", default="reports/gate", help="report folder (default: %(default)s)")
+    p.set_defaults(func=cmd_gate)
     return parser
 
 

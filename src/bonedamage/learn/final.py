@@ -113,8 +113,11 @@ def train_resnet(
 def save_model(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write the state dict (``.pt``, loadable with ``weights_only=True``) and a JSON sidecar
     describing how to rebuild the module, both atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # through a file object: torch.save names the archive's root folder after a path it is
+    # given (here a random temp name), which would change the bytes from run to run
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
     write_text_atomic(
         path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n"
     )
