@@ -18,6 +18,18 @@ REAL_STACK = SHARED / "real" / "lhdl-3155-trabecular"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+# the smallest CNN of the family: fast tests of training and checkpoints
+TINY_ARCH = {
+    "n_blocks": 2,
+    "base_filters": 4,
+    "filter_growth": 1.0,
+    "kernel_size": 3,
+    "norm": "batch",
+    "pool": "max",
+    "dropout": 0.0,
+    "dense_units": 8,
+}
+
 
 @pytest.fixture(scope="session")
 def params() -> dict[str, Any]:

@@ -9,17 +9,7 @@ import torch
 
 from bonedamage.learn.final import save_model
 from bonedamage.learn.models import build_cnn, load_state_dict_file
-
-ARCH = {
-    "n_blocks": 2,
-    "base_filters": 4,
-    "filter_growth": 1.0,
-    "kernel_size": 3,
-    "norm": "batch",
-    "pool": "max",
-    "dropout": 0.0,
-    "dense_units": 8,
-}
+from conftest import TINY_ARCH as ARCH
 
 
 def test_the_same_model_saves_to_the_same_bytes_whatever_the_path(tmp_path: Path) -> None:

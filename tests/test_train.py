@@ -12,17 +12,7 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
 from bonedamage.learn.train import TrainConfig, fit, predict, resolve_device, seed_everything
-
-ARCH = {
-    "n_blocks": 2,
-    "base_filters": 4,
-    "filter_growth": 1.0,
-    "kernel_size": 3,
-    "norm": "batch",
-    "pool": "max",
-    "dropout": 0.0,
-    "dense_units": 8,
-}
+from conftest import TINY_ARCH as ARCH
 
 
 def loaders(learn_data: tuple[Path, Path], seed: int = 0):
