@@ -25,12 +25,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from bonedamage.data.tiling import TilingError
     from bonedamage.data.volume import VolumeError
     from bonedamage.lifecycle.gate import GateError
+    from bonedamage.lifecycle.pyfunc import RequestError
+    from bonedamage.lifecycle.registry import PromotionError
 
     return (
         ConfigError,
         GateError,
         IngestError,
         ManifestError,
+        PromotionError,
+        RequestError,
         SplitError,
         SynthError,
         TilingError,
@@ -280,6 +284,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a tissue's CNN, ResNet and tissue model in the MLflow registry (challenger)."""
+    from bonedamage.lifecycle.registry import run_register
+
+    params = _tracked(args)
+    done = run_register(
+        params,
+        args.tissue,
+        Path(args.tiles),
+        Path(args.splits),
+        Path(args.models) / args.tissue,
+        Path(args.metrics or f"metrics/{args.tissue}.json"),
+        Path(args.out or f"registry/{args.tissue}.json"),
+    )
+    for row in done:
+        state = "new version" if row["created"] else "already registered:"
+        print(f"{row['name']}: {state} {row['version']} -> @challenger")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move each registered model's champion alias onto its challenger when it is as good."""
+    from bonedamage.lifecycle.registry import PromotionError, run_promote
+
+    params = _tracked(args)
+    decisions, errors = run_promote(params, args.tissue)
+    for d in decisions:
+        verdict = "promoted" if d.promote else "kept"
+        deltas = " ".join(f"{k} {v:+.4f}" for k, v in d.deltas.items())
+        print(
+            f"{d.name}: challenger v{d.challenger} {verdict}; champion "
+            f"v{d.champion_before} -> v{d.champion_after} ({d.reason}) {deltas}".rstrip()
+        )
+    if errors:
+        raise PromotionError("; ".join(errors))
+    return 0
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     """Compare reproduced metrics with the committed ones; exit 1 on a regression."""
     from bonedamage.lifecycle.gate import run_gate, write_report
@@ -492,6 +534,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics file (default: metrics/TISSUE.json)")
     p.add_argument("--plots", default="plots", help="ROC curves folder (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "register",
+        parents=[common, learn],
+        help="register the tissue's models in the MLflow registry",
+        description=cmd_register.__doc__ + " Models <prefix>-<tissue>-cnn, "
+        "<prefix>-<tissue>-resnet (the init with the best validation score) and <prefix>-<tissue> "
+        "(the better of the two on validation) as pyfuncs that take raw tiles; versions carry "
+        "the data hashes, git commit, params and test metrics as tags. Idempotent: weights "
+        "already registered on the same test set are not registered again. Settings: "
+        "params.yaml 'registry'." + tracked,
+    )
+    p.add_argument("--metrics", help="test metrics (default: metrics/TISSUE.json)")
+    p.add_argument("--out", help="registration record (default: registry/TISSUE.json)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="champion/challenger promotion in the MLflow registry",
+        description=cmd_promote.__doc__ + " The challenger becomes champion when its test "
+        "balanced accuracy and ROC-AUC do not drop below the champion's by more than "
+        "params.yaml registry.tolerance (and it clears registry.min_balanced_accuracy); the "
+        "first validated challenger becomes champion. Versions evaluated on different test "
+        "data are refused (exit 2). Every decision is recorded as version tags." + tracked,
+    )
+    p.add_argument("--tissue", required=True, choices=["cortical", "trabecular"])
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser(
         "gate",

@@ -19,6 +19,7 @@ import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow
 import optuna
@@ -32,11 +33,12 @@ def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
     mlflow.set_tracking_uri(uri)
     name = cfg["experiment"]
     if mlflow.get_experiment_by_name(name) is None:
-        artifacts = (
-            (repo / cfg["artifacts"]).resolve().as_uri()
-            if "://" not in str(cfg["artifacts"])
-            else cfg["artifacts"]
-        )
+        if uri.startswith(("http://", "https://")):
+            artifacts = None  # a tracking server stores (or proxies) artifacts itself
+        elif "://" in str(cfg["artifacts"]):
+            artifacts = cfg["artifacts"]
+        else:
+            artifacts = (repo / cfg["artifacts"]).resolve().as_uri()
         mlflow.create_experiment(name, artifact_location=artifacts)
     mlflow.set_experiment(name)
     return uri

@@ -1,0 +1,145 @@
+"""The registered model: an MLflow pyfunc that classifies raw tiles, normalisation included.
+
+A registered version carries three artifacts: the state dict (``weights``, loaded with
+``weights_only=True``), the sidecar that says how to rebuild the module (``meta``) and the
+tiling settings it was trained with (``tiling``: tissue, tile size in px and um, working
+voxel size, planes, intensity percentiles, decision threshold). ``predict`` takes tiles of
+raw scan values, shape (n, tile_px, tile_px), and applies the training normalisation
+``(raw - lo) / (hi - lo)`` itself:
+
+- with params ``norm_lo`` / ``norm_hi`` (the scan's intensity range, as ``bonedamage tile``
+  recorded it in ``normalization.json``), exactly the transform the training tiles got;
+- without them, ``lo`` / ``hi`` are the tiling percentiles of the request's own tiles, a
+  good estimate when the request carries many tiles of one scan.
+
+Inputs travel as float32 (uint8 and uint16 values are exact in float32, so a scan's own
+dtype converts without loss; :meth:`TileClassifier.classify` takes any of them in-process).
+The output has one row per tile: ``prob_failed``, ``label`` (1 = failed) and ``class``.
+
+The model is logged as *code* (:data:`MODEL_CODE`, ``mlflow.models.set_model``), not as a
+pickle: loading a registered version never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from bonedamage.data.tilestore import normalize
+from bonedamage.learn.models import build_cnn, build_resnet, load_state_dict_file
+from bonedamage.lifecycle import tracking  # noqa: F401 - MLflow quiet and offline
+
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+ARTIFACTS = ("weights", "meta", "tiling")
+CLASSES = ("pristine", "failed")
+BATCH = 256
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer (wrong shape, non-finite values, bad range)."""
+
+
+def build_module(meta: dict[str, Any], weights: Path) -> torch.nn.Module:
+    """The torch module a sidecar describes, with its weights, in eval mode."""
+    model = build_cnn(meta["arch"]) if meta["kind"] == "cnn" else build_resnet(meta["arch"])
+    model.load_state_dict(load_state_dict_file(weights))
+    return model.eval()
+
+
+class TileClassifier(mlflow.pyfunc.PythonModel):
+    """Failed-vs-pristine classifier of raw tiles (see the module docstring)."""
+
+    module: torch.nn.Module
+    meta: dict[str, Any]
+    tiling: dict[str, Any]
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        art = context.artifacts
+        self.setup(
+            json.loads(Path(art["meta"]).read_text()),
+            json.loads(Path(art["tiling"]).read_text()),
+            Path(art["weights"]),
+        )
+
+    def setup(self, meta: dict[str, Any], tiling: dict[str, Any], weights: Path) -> None:
+        """Build the module from its sidecar and weights (also used without MLflow)."""
+        self.meta, self.tiling = meta, tiling
+        self.module = build_module(meta, weights)
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.tiling["tile_px"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.tiling.get("threshold", 0.5))
+
+    def intensity_range(self, raw: np.ndarray) -> tuple[float, float]:
+        """The tiling percentiles of the given raw tiles: the fallback normalisation range."""
+        lo, hi = np.percentile(raw, self.tiling["percentiles"])
+        if not hi > lo:
+            raise RequestError(f"constant tiles (value {lo}): give norm_lo and norm_hi")
+        return float(lo), float(hi)
+
+    def check(self, tiles: Any) -> np.ndarray:
+        """Tiles as a float32 array (n, tile_px, tile_px); RequestError naming the problem."""
+        raw = np.asarray(tiles)
+        if raw.ndim == 2:
+            raw = raw[None]
+        if raw.dtype.kind not in "uif":
+            raise RequestError(f"tiles must be numbers (uint8, uint16 or float32), got {raw.dtype}")
+        want = (self.tile_px, self.tile_px)
+        if raw.ndim != 3 or raw.shape[1:] != want or len(raw) == 0:
+            raise RequestError(f"tiles must have shape (n, {want[0]}, {want[1]}), got {raw.shape}")
+        raw = raw.astype(np.float32, copy=False)
+        if not np.isfinite(raw).all():
+            raise RequestError("tiles contain NaN or infinite values")
+        return raw
+
+    def failed_probability(
+        self, tiles: Any, norm_lo: float | None = None, norm_hi: float | None = None
+    ) -> np.ndarray:
+        """Failed-class probability of each raw tile (float64, shape (n,))."""
+        raw = self.check(tiles)
+        if (norm_lo is None) != (norm_hi is None):
+            raise RequestError("give both norm_lo and norm_hi, or neither")
+        lo, hi = (norm_lo, norm_hi) if norm_lo is not None else self.intensity_range(raw)
+        if not (np.isfinite([lo, hi]).all() and hi > lo):
+            raise RequestError(f"norm_lo={lo}, norm_hi={hi}: need finite values with hi > lo")
+        x = normalize(raw, float(lo), float(hi))
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(x), BATCH):
+                batch = torch.from_numpy(x[start : start + BATCH]).unsqueeze(1)
+                out.append(torch.softmax(self.module(batch).float(), dim=1)[:, 1].numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def classify(
+        self, tiles: Any, norm_lo: float | None = None, norm_hi: float | None = None
+    ) -> pd.DataFrame:
+        """One row per tile: ``prob_failed``, ``label`` (1 = failed), ``class``."""
+        prob = self.failed_probability(tiles, norm_lo, norm_hi)
+        label = (prob > self.threshold).astype(np.int64)
+        return pd.DataFrame(
+            {"prob_failed": prob, "label": label, "class": np.asarray(CLASSES)[label]}
+        )
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        params = params or {}
+        return self.classify(model_input, params.get("norm_lo"), params.get("norm_hi"))
+
+
+def load_classifier(uri: str) -> TileClassifier:
+    """A registered (``models:/<name>@<alias>``) or logged model, ready to classify."""
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model()

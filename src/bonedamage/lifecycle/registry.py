@@ -1,0 +1,439 @@
+"""MLflow model registry: register each tissue's models, promote challengers to champion.
+
+Names (``registry.prefix`` = ``bonedamage``):
+
+- ``<prefix>-<tissue>-cnn``: the final searched CNN;
+- ``<prefix>-<tissue>-resnet``: the ResNet of the init with the best *validation* score;
+- ``<prefix>-<tissue>``: the one name to call per tissue: whichever of the two has the
+  better validation score (the test split never chooses a model).
+
+Registering is idempotent: a version whose weights and test set are already registered
+under a name is reused, so ``dvc repro`` can re-sync the registry of a fresh machine
+without piling up copies. A new version gets the alias ``challenger``; ``promote`` moves
+``champion`` onto it only when it is at least as good as the champion on the same test
+set (see :func:`decide`), and records every decision as version tags. Aliases and tags
+only: MLflow's stages are deprecated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+
+from bonedamage.atomic import write_text_atomic
+from bonedamage.data.tilestore import TileStore
+from bonedamage.data.tiling import TileSettings
+from bonedamage.learn.data import split_rows
+from bonedamage.learn.evaluate import THRESHOLD
+from bonedamage.lifecycle.pyfunc import MODEL_CODE
+from bonedamage.lifecycle.tracking import version_tags
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+METRICS = ("balanced_accuracy", "roc_auc", "accuracy", "f1", "ece", "scan_accuracy")
+
+
+class PromotionError(RuntimeError):
+    """A challenger that cannot be compared with the champion (e.g. other test data)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trained model of a tissue, ready to register under ``name``."""
+
+    name: str
+    architecture: str  # cnn | resnet
+    key: str  # its entry in metrics/<tissue>.json
+    weights: Path
+    meta: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def val_score(self) -> float:
+        return float(self.meta["val_balanced_accuracy"])
+
+
+# -- what to register -------------------------------------------------------------------
+def _candidate(name: str, arch: str, key: str, weights: Path, metrics: dict) -> Candidate:
+    if key not in metrics:
+        raise PromotionError(f"{key!r} has no test metrics in the metrics file: evaluate first")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    return Candidate(name, arch, key, weights, meta, metrics[key])
+
+
+def candidates(
+    prefix: str, tissue: str, models: Path, metrics: dict[str, Any], inits: list[str]
+) -> list[Candidate]:
+    """CNN, best-validation ResNet, and the better of the two under the tissue's own name."""
+    cnn = _candidate(f"{prefix}-{tissue}-cnn", "cnn", "cnn", models / "cnn.pt", metrics)
+    resnets = [
+        _candidate(
+            f"{prefix}-{tissue}-resnet",
+            "resnet",
+            f"resnet_{init}",
+            models / "resnet" / f"resnet_{init}.pt",
+            metrics,
+        )
+        for init in inits
+    ]
+    resnet = max(resnets, key=lambda c: c.val_score)  # first init wins a tie
+    best = cnn if cnn.val_score >= resnet.val_score else resnet
+    return [cnn, resnet, replace(best, name=f"{prefix}-{tissue}")]
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_set_fingerprint(store: TileStore, splits: pd.DataFrame, tissue: str) -> str:
+    """Hash of the test tiles (ids, labels, raw bytes and normalisation) of a tissue.
+
+    Two versions are comparable only when their test metrics come from the same tiles.
+    """
+    positions, labels = split_rows(store, splits, tissue, "grouped", "test")
+    index = store.index.iloc[positions]
+    digest = hashlib.sha256()
+    digest.update("\n".join(index["tile_id"].astype(str)).encode())
+    digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    digest.update(index[["norm_lo", "norm_hi"]].to_numpy(dtype=np.float64).tobytes())
+    for p in positions:
+        digest.update(store.raw(int(p)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tiling_info(tile_cfg: dict[str, Any], tissue: str, tile_px: int) -> dict[str, Any]:
+    """The tiling a model was trained with: how ``predict`` must cut and scale new scans."""
+    s = TileSettings.from_params(tile_cfg, tissue)
+    if s.tile_px != tile_px:
+        raise PromotionError(
+            f"{tissue}: the model takes {tile_px} px tiles but params tile settings give "
+            f"{s.tile_px} px: re-run the pipeline"
+        )
+    return {
+        "tissue": tissue,
+        "tile_px": tile_px,
+        "tile_um": s.tile_um,
+        "working_voxel_um": s.working_voxel_um,
+        "planes": list(s.planes),
+        "slice_stride": s.slice_stride,
+        "percentiles": list(s.percentiles),
+        "threshold": THRESHOLD,
+    }
+
+
+def signature(tile_px: int) -> ModelSignature:
+    """Raw tiles in (float32, exact for uint8/uint16 scans), one row per tile out."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, tile_px, tile_px))]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.double, "prob_failed"),
+                ColSpec(DataType.long, "label"),
+                ColSpec(DataType.string, "class"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec(k, DataType.double, None) for k in ("norm_lo", "norm_hi")]),
+    )
+
+
+def _requirements() -> list[str]:
+    """Pinned packages the pyfunc imports (the model code itself travels with the model)."""
+    names = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "mlflow")
+    return [f"{n}=={importlib.metadata.version(n)}" for n in names]
+
+
+def _version_with(client: MlflowClient, name: str, md5: str, test_set: str) -> Any:
+    """An existing version of ``name`` with these weights and test set, else None."""
+    try:
+        found = client.search_model_versions(
+            f"name = '{name}' and tags.`model.md5` = '{md5}' and tags.test_set = '{test_set}'"
+        )
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _log_model(cand: Candidate, tiling: dict[str, Any], example: tuple, tags: dict) -> str:
+    """Log the pyfunc (code + weights + sidecars) in a run of its own; return its URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        meta, tile = Path(tmp) / "meta.json", Path(tmp) / "tiling.json"
+        meta.write_text(json.dumps(cand.meta, indent=2, sort_keys=True))
+        tile.write_text(json.dumps(tiling, indent=2, sort_keys=True))
+        with mlflow.start_run(run_name=f"register-{cand.name}", tags={**tags, "stage": "register"}):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"weights": str(cand.weights), "meta": str(meta), "tiling": str(tile)},
+                code_paths=[str(Path(__file__).parents[1])],
+                signature=signature(int(tiling["tile_px"])),
+                input_example=example,
+                pip_requirements=_requirements(),
+            )
+            mlflow.log_metrics(
+                {f"test_{k}": float(v) for k, v in cand.metrics.items() if k in METRICS}
+            )
+    return info.model_uri
+
+
+def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dict[str, str]:
+    """What a registered version carries: data/code version, params, test metrics."""
+    tags = {
+        **version_tags(repo),
+        "tissue": str(cand.meta.get("tissue", "")),
+        "architecture": cand.architecture,
+        "metrics_key": cand.key,
+        "source_file": cand.weights.as_posix(),
+        "model.md5": md5,
+        "test_set": test_set,
+        "params": json.dumps(cand.meta, sort_keys=True, default=str)[:4000],
+        "val_balanced_accuracy": f"{cand.val_score:.6f}",
+    }
+    for k in METRICS:
+        if cand.metrics.get(k) is not None:
+            tags[f"metric.{k}"] = f"{float(cand.metrics[k]):.6f}"
+    return tags
+
+
+def register_tissue(
+    client: MlflowClient,
+    cands: list[Candidate],
+    tiling: dict[str, Any],
+    test_set: str,
+    example: tuple,
+    repo: Path = Path(),
+) -> list[dict[str, Any]]:
+    """Register (or find) every candidate and point its ``challenger`` alias at it."""
+    logged: dict[str, str] = {}
+    out = []
+    for cand in cands:
+        md5 = file_md5(cand.weights)
+        version = _version_with(client, cand.name, md5, test_set)
+        created = version is None
+        if created:
+            tags = version_tags_of(cand, md5, test_set, repo)
+            if md5 not in logged:
+                logged[md5] = _log_model(cand, tiling, example, tags)
+            _ensure_model(client, cand.name)
+            # register_model (not create_model_version): it links the logged model's id,
+            # which a tracking server requires for a models:/m-<id> source
+            version = mlflow.register_model(logged[md5], cand.name, tags=tags)
+        client.set_registered_model_alias(cand.name, CHALLENGER, version.version)
+        out.append({"name": cand.name, "version": int(version.version), "created": created})
+    return out
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="bonedamage failed-vs-pristine tile classifier (pyfunc)"
+        )
+
+
+def registry_record(
+    cands: list[Candidate], tiling: dict[str, Any], test_set: str
+) -> dict[str, Any]:
+    """The deterministic part of a registration (what DVC versions; no version numbers)."""
+    return {
+        "test_set": test_set,
+        "tiling": tiling,
+        "models": {
+            c.name: {
+                "architecture": c.architecture,
+                "metrics_key": c.key,
+                "weights": c.weights.as_posix(),
+                "weights_md5": file_md5(c.weights),
+                "val_balanced_accuracy": round(c.val_score, 6),
+                "test": {k: c.metrics.get(k) for k in METRICS},
+            }
+            for c in cands
+        },
+    }
+
+
+# -- promotion ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of comparing a challenger with the champion of one registered model."""
+
+    name: str
+    challenger: int
+    champion_before: int | None
+    promote: bool
+    reason: str
+    deltas: dict[str, float]
+
+    @property
+    def champion_after(self) -> int | None:
+        return self.challenger if self.promote else self.champion_before
+
+
+def _metric(tags: dict[str, str], key: str, who: str) -> float:
+    try:
+        value = float(tags[f"metric.{key}"])
+    except (KeyError, ValueError) as exc:
+        raise PromotionError(f"{who} has no valid metric.{key} tag: not validated") from exc
+    if not math.isfinite(value):
+        raise PromotionError(f"{who} has a non-finite metric.{key} ({value})")
+    return value
+
+
+def decide(
+    name: str,
+    challenger: tuple[int, dict[str, str]],
+    champion: tuple[int, dict[str, str]] | None,
+    cfg: dict[str, Any],
+) -> Decision:
+    """Whether ``challenger`` (version, tags) replaces ``champion``; PromotionError when the
+    two cannot be compared (no metrics, or metrics from different test data).
+
+    Promote when the challenger's balanced accuracy is at least the champion's minus
+    ``tolerance.balanced_accuracy`` and its ROC-AUC at least the champion's minus
+    ``tolerance.roc_auc``; a challenger below ``min_balanced_accuracy`` is never promoted.
+    """
+    ch_version, ch_tags = challenger
+    who = f"{name} version {ch_version}"
+    ba, auc = _metric(ch_tags, "balanced_accuracy", who), _metric(ch_tags, "roc_auc", who)
+    floor = float(cfg["min_balanced_accuracy"])
+    before = champion[0] if champion else None
+    if champion is None:
+        ok = ba >= floor
+        reason = (
+            "first validated challenger becomes champion"
+            if ok
+            else f"balanced accuracy {ba:.4f} below the floor {floor}: no champion yet"
+        )
+        return Decision(name, ch_version, None, ok, reason, {})
+    ch_version_champ, champ_tags = champion
+    if ch_version_champ == ch_version:
+        return Decision(name, ch_version, before, False, "already champion", {})
+    if ch_tags.get("test_set") != champ_tags.get("test_set"):
+        raise PromotionError(
+            f"{who} was evaluated on test set {ch_tags.get('test_set')} but champion version "
+            f"{before} on {champ_tags.get('test_set')}: different test data, not comparable. "
+            "Re-run the pipeline on the champion's data, or move the alias by hand "
+            f"(MlflowClient().set_registered_model_alias('{name}', 'champion', {ch_version}))"
+        )
+    who_champ = f"{name} champion version {before}"
+    deltas = {
+        "balanced_accuracy": ba - _metric(champ_tags, "balanced_accuracy", who_champ),
+        "roc_auc": auc - _metric(champ_tags, "roc_auc", who_champ),
+    }
+    tol = cfg["tolerance"]
+    if ba < floor:
+        return Decision(name, ch_version, before, False, f"below the floor {floor}", deltas)
+    worse = [
+        f"{k} {deltas[k]:+.4f} beyond -{float(tol[k])}"
+        for k in ("balanced_accuracy", "roc_auc")
+        if deltas[k] < -float(tol[k])
+    ]
+    if worse:
+        return Decision(name, ch_version, before, False, "worse: " + ", ".join(worse), deltas)
+    return Decision(name, ch_version, before, True, "at least as good as the champion", deltas)
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> tuple[int, dict[str, str]] | None:
+    try:
+        v = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return int(v.version), dict(v.tags)
+
+
+def promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
+    """Compare ``challenger`` with ``champion`` of ``name``; move ``champion`` if it wins.
+
+    The decision (reason, deltas, time, champion before/after) is written as tags on the
+    challenger version, refusals included. The alias is re-pointed in one call, so the
+    model is never without a champion once it has had one.
+    """
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise PromotionError(f"{name} has no '{CHALLENGER}' version: run `bonedamage register`")
+    version = str(challenger[0])
+    stamp = {"promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        decision = decide(name, challenger, _alias(client, name, CHAMPION), cfg)
+    except PromotionError as exc:
+        refused = {**stamp, "promotion.decision": "refused", "promotion.reason": str(exc)}
+        for k, v in refused.items():
+            client.set_model_version_tag(name, version, k, v[:4000])
+        raise
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    tags = {
+        **stamp,
+        "promotion.decision": "promoted" if decision.promote else "kept",
+        "promotion.reason": decision.reason,
+        "promotion.champion_before": str(decision.champion_before or ""),
+        "promotion.champion_after": str(decision.champion_after or ""),
+        **{f"promotion.delta.{k}": f"{v:+.6f}" for k, v in decision.deltas.items()},
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    return decision
+
+
+# -- stage entry points -------------------------------------------------------------------
+def model_names(prefix: str, tissue: str) -> list[str]:
+    """The registered models of a tissue, in the order they are registered."""
+    return [f"{prefix}-{tissue}-cnn", f"{prefix}-{tissue}-resnet", f"{prefix}-{tissue}"]
+
+
+def run_register(
+    params: dict[str, Any],
+    tissue: str,
+    tiles: Path,
+    splits: Path,
+    models: Path,
+    metrics: Path,
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Register a tissue's CNN, ResNet and tissue model; write the deterministic record."""
+    cfg = params["registry"]
+    cands = candidates(
+        cfg["prefix"], tissue, models, json.loads(metrics.read_text()), params["resnet"]["inits"]
+    )
+    store, table = TileStore(tiles), pd.read_parquet(splits)
+    test_set = test_set_fingerprint(store, table, tissue)
+    tiling = tiling_info(params["tile"], tissue, int(cands[0].meta["tile_px"]))
+    first = int(split_rows(store, table, tissue, "grouped", "test")[0][0])
+    lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[first]
+    example = (store.raw(first)[None].astype(np.float32), {"norm_lo": lo, "norm_hi": hi})
+    done = register_tissue(MlflowClient(), cands, tiling, test_set, example)
+    write_text_atomic(
+        out, json.dumps(registry_record(cands, tiling, test_set), indent=2, sort_keys=True) + "\n"
+    )
+    return done
+
+
+def run_promote(params: dict[str, Any], tissue: str) -> tuple[list[Decision], list[str]]:
+    """Promote every registered model of a tissue: the decisions, and the refusals."""
+    cfg = params["registry"]
+    client = MlflowClient()
+    decisions, errors = [], []
+    for name in model_names(cfg["prefix"], tissue):
+        try:
+            decisions.append(promote(client, name, cfg))
+        except PromotionError as exc:
+            errors.append(str(exc))
+    return decisions, errors

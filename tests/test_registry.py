@@ -1,0 +1,380 @@
+"""MLflow model registry (lifecycle/registry.py): register, promote, the different-data refusal."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bonedamage.cli import main
+from bonedamage.data.tilestore import TileStore
+from bonedamage.learn.data import split_rows
+from bonedamage.learn.final import save_model
+from bonedamage.learn.models import build_cnn, build_resnet
+from bonedamage.lifecycle import registry, tracking
+from bonedamage.lifecycle.pyfunc import load_classifier
+from conftest import TINY_ARCH
+
+TISSUE = "cortical"
+CFG = {
+    "prefix": "t",
+    "min_balanced_accuracy": 0.6,
+    "tolerance": {"balanced_accuracy": 0.005, "roc_auc": 0.01},
+}
+
+
+def write_models(models: Path, seed: int, tile_px: int, val: float = 0.8) -> None:
+    """A tiny CNN and a ResNet-18 with seeded random weights and their sidecars."""
+    torch.manual_seed(seed)
+    meta = {"tissue": TISSUE, "tile_px": tile_px, "best_epoch": 1}
+    save_model(
+        models / "cnn.pt",
+        build_cnn(TINY_ARCH),
+        {**meta, "kind": "cnn", "arch": TINY_ARCH, "val_balanced_accuracy": val},
+    )
+    save_model(
+        models / "resnet" / "resnet_scratch.pt",
+        build_resnet("resnet18"),
+        {**meta, "kind": "resnet", "arch": "resnet18", "init": "scratch",
+         "val_balanced_accuracy": val - 0.1},
+    )  # fmt: skip
+
+
+def metrics(ba: float, auc: float) -> dict[str, Any]:
+    row = {"balanced_accuracy": ba, "roc_auc": auc, "accuracy": ba, "f1": ba, "ece": 0.05,
+           "scan_accuracy": 1.0}  # fmt: skip
+    return {"cnn": row, "resnet_scratch": dict(row)}
+
+
+@pytest.fixture(scope="module")
+def env(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
+    """A fresh SQLite store with the tiny models of version 1 registered and promoted."""
+    tmp = tmp_path_factory.mktemp("registry")
+    uri = tracking.configure({"db": "r.db", "artifacts": "art", "experiment": "reg"}, tmp)
+    params = copy.deepcopy(learn_params)
+    params["registry"] = CFG
+    params["resnet"]["inits"] = ["scratch"]
+    store = TileStore(learn_data[0])
+    tile_px = int(store.index["tile_px"].iloc[0])
+    write_models(tmp / "v1", seed=1, tile_px=tile_px)
+    (tmp / "v1.json").write_text(json.dumps(metrics(0.80, 0.90)))
+    done = registry.run_register(
+        params, TISSUE, *learn_data, tmp / "v1", tmp / "v1.json", tmp / "v1-record.json"
+    )
+    decisions, errors = registry.run_promote(params, TISSUE)
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "params": params,
+        "data": learn_data,
+        "tile_px": tile_px,
+        "done": done,
+        "decisions": decisions,
+        "errors": errors,
+    }
+
+
+def champion(name: str) -> int:
+    return int(MlflowClient().get_model_version_by_alias(name, registry.CHAMPION).version)
+
+
+def register_version(env: dict, label: str, seed: int, ba: float, auc: float) -> None:
+    mlflow.set_tracking_uri(env["uri"])
+    tmp = env["tmp"]
+    write_models(tmp / label, seed=seed, tile_px=env["tile_px"])
+    (tmp / f"{label}.json").write_text(json.dumps(metrics(ba, auc)))
+    registry.run_register(
+        env["params"], TISSUE, *env["data"], tmp / label, tmp / f"{label}.json",
+        tmp / f"{label}-record.json",
+    )  # fmt: skip
+
+
+# -- the decision rule -------------------------------------------------------------------
+def tags(ba: float, auc: float, test_set: str = "abc") -> dict[str, str]:
+    return {"metric.balanced_accuracy": str(ba), "metric.roc_auc": str(auc), "test_set": test_set}
+
+
+def test_first_validated_challenger_becomes_champion_unless_below_the_floor() -> None:
+    assert registry.decide("m", (1, tags(0.9, 0.9)), None, CFG).promote
+    low = registry.decide("m", (1, tags(0.55, 0.9)), None, CFG)
+    assert not low.promote and "floor" in low.reason
+
+
+@pytest.mark.parametrize(
+    ("ba", "auc", "promoted"),
+    [
+        (0.91, 0.95, True),  # better
+        (0.898, 0.941, True),  # a hair worse, within both tolerances
+        (0.89, 0.99, False),  # balanced accuracy drops beyond its tolerance
+        (0.95, 0.92, False),  # ROC-AUC drops beyond its tolerance
+    ],
+)
+def test_challenger_must_not_drop_beyond_tolerance(ba: float, auc: float, promoted: bool) -> None:
+    d = registry.decide("m", (2, tags(ba, auc)), (1, tags(0.90, 0.95)), CFG)
+    assert d.promote is promoted
+    assert d.champion_after == (2 if promoted else 1)
+    assert d.deltas["balanced_accuracy"] == pytest.approx(ba - 0.90)
+
+
+def test_versions_on_different_test_data_are_not_compared() -> None:
+    with pytest.raises(registry.PromotionError, match="different test data"):
+        registry.decide("m", (2, tags(0.99, 0.99, "new")), (1, tags(0.9, 0.9, "old")), CFG)
+
+
+def test_a_challenger_without_metrics_is_not_validated() -> None:
+    with pytest.raises(registry.PromotionError, match=r"metric\.roc_auc"):
+        registry.decide("m", (1, {"metric.balanced_accuracy": "0.9"}), None, CFG)
+
+
+# -- against a real store ----------------------------------------------------------------
+def test_register_creates_three_models_with_challenger_and_version_tags(env) -> None:
+    names = registry.model_names("t", TISSUE)
+    assert [r["name"] for r in env["done"]] == names and all(r["created"] for r in env["done"])
+    client = MlflowClient()
+    for name in names:
+        v = client.get_model_version_by_alias(name, registry.CHALLENGER)
+        for key in ("data.raw_md5", "git.commit", "params", "test_set", "model.md5"):
+            assert v.tags.get(key), (name, key)
+        assert float(v.tags["metric.balanced_accuracy"]) == pytest.approx(0.80)
+    # the tissue model is the CNN: its validation score beats the ResNet's
+    tissue = client.get_model_version_by_alias(f"t-{TISSUE}", registry.CHALLENGER)
+    assert tissue.tags["architecture"] == "cnn"
+    info = mlflow.models.get_model_info(f"models:/t-{TISSUE}@challenger")
+    spec = info.signature.inputs.inputs[0]
+    assert spec.shape == (-1, env["tile_px"], env["tile_px"]) and spec.type == np.float32
+    assert {p.name for p in info.signature.params} == {"norm_lo", "norm_hi"}
+    assert info.saved_input_example_info is not None
+
+
+def test_first_promotion_makes_every_challenger_champion(env) -> None:
+    assert env["errors"] == []
+    assert [d.reason for d in env["decisions"]] == [
+        "first validated challenger becomes champion"
+    ] * 3
+    for name in registry.model_names("t", TISSUE):
+        assert champion(name) == 1
+
+
+def test_registering_the_same_weights_again_adds_no_version(env) -> None:
+    tmp = env["tmp"]
+    again = registry.run_register(
+        env["params"], TISSUE, *env["data"], tmp / "v1", tmp / "v1.json", tmp / "again.json"
+    )
+    assert [r["created"] for r in again] == [False] * 3
+    assert [r["version"] for r in again] == [1, 1, 1]
+    assert (tmp / "again.json").read_bytes() == (tmp / "v1-record.json").read_bytes()
+
+
+def test_champion_predicts_raw_tiles_with_the_training_normalisation(env) -> None:
+    store, table = TileStore(env["data"][0]), pd.read_parquet(env["data"][1])
+    positions, _ = split_rows(store, table, TISSUE, "grouped", "test")
+    positions = positions[:20]
+    rows = store.index.iloc[positions]
+    assert rows["scan_id"].nunique() >= 1
+    scan = rows["scan_id"].iloc[0]
+    same = positions[rows["scan_id"].to_numpy() == scan]
+    lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[int(same[0])]
+    raw = np.stack([store.raw(int(p)) for p in same])
+    assert raw.dtype == np.uint16
+    model = load_classifier(f"models:/t-{TISSUE}-cnn@champion")
+    with torch.inference_mode():
+        x = torch.from_numpy(store.tiles(same)).unsqueeze(1)
+        expected = torch.softmax(model.module(x), dim=1)[:, 1].numpy()
+    got = model.classify(raw, lo, hi)
+    np.testing.assert_allclose(got["prob_failed"], expected, rtol=1e-6)
+    assert set(got["class"]) <= {"failed", "pristine"}
+    assert (got["label"] == (got["prob_failed"] > 0.5)).all()
+    # the generic pyfunc path (what `mlflow models serve` runs) gives the same numbers
+    pyfunc = mlflow.pyfunc.load_model(f"models:/t-{TISSUE}-cnn@champion")
+    served = pyfunc.predict(raw.astype(np.float32), params={"norm_lo": lo, "norm_hi": hi})
+    np.testing.assert_allclose(served["prob_failed"], expected, rtol=1e-6)
+
+
+def test_bad_requests_name_the_problem(env) -> None:
+    model = load_classifier(f"models:/t-{TISSUE}-cnn@champion")
+    px = env["tile_px"]
+    with pytest.raises(ValueError, match=r"shape \(n, "):
+        model.classify(np.zeros((2, px + 1, px), np.uint16))
+    with pytest.raises(ValueError, match="NaN"):
+        model.classify(np.full((1, px, px), np.nan, np.float32), 0.0, 1.0)
+    with pytest.raises(ValueError, match="both norm_lo and norm_hi"):
+        model.classify(np.ones((1, px, px), np.uint16), norm_lo=1.0)
+    with pytest.raises(ValueError, match="constant"):
+        model.classify(np.ones((1, px, px), np.uint16))
+
+
+def test_better_challenger_is_promoted_worse_is_refused_and_champion_stays(env) -> None:
+    name = f"t-{TISSUE}-cnn"
+    register_version(env, "better", seed=2, ba=0.85, auc=0.93)
+    decision = registry.promote(MlflowClient(), name, CFG)
+    assert decision.promote and champion(name) == 2
+    register_version(env, "worse", seed=3, ba=0.70, auc=0.93)
+    decision = registry.promote(MlflowClient(), name, CFG)
+    assert not decision.promote and champion(name) == 2
+    v3 = MlflowClient().get_model_version(name, "3")
+    assert v3.tags["promotion.decision"] == "kept"
+    assert "balanced_accuracy -0.1500" in v3.tags["promotion.reason"]
+    assert v3.tags["promotion.champion_before"] == "2" == v3.tags["promotion.champion_after"]
+    assert v3.tags["promotion.time"].endswith("Z")
+
+
+def test_promote_refuses_a_challenger_from_other_test_data(env, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["uri"])
+    name = f"t-{TISSUE}-cnn"
+    before = champion(name)
+    client = MlflowClient()
+    latest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    client.set_model_version_tag(name, str(latest), "test_set", "other-tiles")
+    client.set_registered_model_alias(name, registry.CHALLENGER, str(latest))
+    params_file = env["tmp"] / "params.yaml"
+    params_file.write_text(json.dumps(env["params"]))  # JSON is YAML
+    code = main(["promote", "--tissue", TISSUE, "--params", str(params_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "different test data" in err and name in err
+    assert champion(name) == before
+    assert client.get_model_version(name, str(latest)).tags["promotion.decision"] == "refused"
+
+
+# -- serving and a tracking server -------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_cli() -> str:
+    return str(Path(sys.executable).with_name("mlflow"))
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], env: dict[str, str], url: str, log: Path):
+    """Start a server process; yield once ``url`` answers; stop the whole process group."""
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{cmd[:3]} exited {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{url} did not answer in 120 s: {log.read_text()[-2000:]}")
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def child_env(uri: str) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def raw_test_tiles(env: dict) -> tuple[np.ndarray, float, float]:
+    store, table = TileStore(env["data"][0]), pd.read_parquet(env["data"][1])
+    positions, _ = split_rows(store, table, TISSUE, "grouped", "test")
+    p = positions[:4]
+    lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[int(p[0])]
+    return np.stack([store.raw(int(i)) for i in p]), float(lo), float(hi)
+
+
+def test_mlflow_models_serve_answers_with_probabilities(env) -> None:
+    port = free_port()
+    cmd = [mlflow_cli(), "models", "serve", "-m", f"models:/t-{TISSUE}@champion",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    raw, lo, hi = raw_test_tiles(env)
+    expected = load_classifier(f"models:/t-{TISSUE}@champion").classify(raw, lo, hi)
+    base = f"http://127.0.0.1:{port}"
+    with running(cmd, child_env(env["uri"]), f"{base}/ping", env["tmp"] / "serve.log"):
+        body = {"inputs": raw.tolist(), "params": {"norm_lo": lo, "norm_hi": hi}}
+        status, answer = post(f"{base}/invocations", body)
+        assert status == 200, answer
+        got = pd.DataFrame(answer["predictions"])
+        np.testing.assert_allclose(got["prob_failed"], expected["prob_failed"], rtol=1e-6)
+        assert list(got["class"]) == list(expected["class"])
+        status, answer = post(f"{base}/invocations", {"inputs": raw[:, :-1].tolist()})
+        assert status == 400 and "shape" in answer["message"].lower()
+
+
+def test_mlflow_models_predict_on_a_file_of_tiles(env) -> None:
+    raw, lo, hi = raw_test_tiles(env)
+    tmp = env["tmp"]
+    (tmp / "tiles.json").write_text(
+        json.dumps({"inputs": raw.tolist(), "params": {"norm_lo": lo, "norm_hi": hi}})
+    )
+    done = subprocess.run(
+        [mlflow_cli(), "models", "predict", "-m", f"models:/t-{TISSUE}@champion",
+         "-i", str(tmp / "tiles.json"), "-t", "json", "-o", str(tmp / "pred.json"),
+         "--env-manager", "local"],
+        env=child_env(env["uri"]), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = pd.DataFrame(json.loads((tmp / "pred.json").read_text())["predictions"])
+    expected = load_classifier(f"models:/t-{TISSUE}@champion").classify(raw, lo, hi)
+    np.testing.assert_allclose(got["prob_failed"], expected["prob_failed"], rtol=1e-6)
+
+
+def test_register_and_promote_against_a_tracking_server(env, tmp_path, monkeypatch) -> None:
+    port = free_port()
+    cmd = [mlflow_cli(), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts"),
+           "--workers", "1"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, child_env(env["uri"]), f"{url}/health", tmp_path / "server.log"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        tracking.configure({"db": "unused.db", "artifacts": "unused", "experiment": "srv"})
+        data = env["data"]
+        registry.run_register(
+            env["params"], TISSUE, *data, env["tmp"] / "v1", env["tmp"] / "v1.json",
+            tmp_path / "record.json",
+        )  # fmt: skip
+        decisions, errors = registry.run_promote(env["params"], TISSUE)
+        assert errors == [] and all(d.promote for d in decisions)
+        client = MlflowClient(url)
+        for name in registry.model_names("t", TISSUE):
+            assert client.get_model_version_by_alias(name, registry.CHAMPION).version == "1"
+        # the artifacts went to the server's store, not to a local folder
+        assert any((tmp_path / "server-artifacts").rglob("MLmodel"))
+        assert not (tmp_path / "unused").exists() and not Path("unused").exists()
+        model = load_classifier(f"models:/t-{TISSUE}@champion")
+        raw, lo, hi = raw_test_tiles(env)
+        assert len(model.classify(raw, lo, hi)) == len(raw)
+    mlflow.set_tracking_uri(env["uri"])
