@@ -31,6 +31,30 @@ TINY_ARCH = {
 }
 
 
+def write_tiny_models(models: Path, tissue: str, seed: int, tile_px: int, val: float = 0.8) -> None:
+    """A tiny CNN and a scratch ResNet-18 with seeded random weights and their sidecars,
+    as the training stages write them (models/<tissue>/cnn.pt, resnet/resnet_scratch.pt)."""
+    import torch
+
+    from bonedamage.learn.final import save_model
+    from bonedamage.learn.models import build_cnn, build_resnet
+
+    torch.manual_seed(seed)
+    meta = {"tissue": tissue, "tile_px": tile_px, "best_epoch": 1}
+    cnn = {**meta, "kind": "cnn", "arch": TINY_ARCH, "val_balanced_accuracy": val}
+    save_model(models / "cnn.pt", build_cnn(TINY_ARCH), cnn)
+    resnet = {**meta, "kind": "resnet", "arch": "resnet18", "init": "scratch"}
+    resnet["val_balanced_accuracy"] = val - 0.1
+    save_model(models / "resnet" / "resnet_scratch.pt", build_resnet("resnet18"), resnet)
+
+
+def tiny_metrics(ba: float, auc: float) -> dict[str, Any]:
+    """A metrics/<tissue>.json for the tiny models: the same numbers for both."""
+    row = {"balanced_accuracy": ba, "roc_auc": auc, "accuracy": ba, "f1": ba, "ece": 0.05}
+    row["scan_accuracy"] = 1.0
+    return {"cnn": row, "resnet_scratch": dict(row)}
+
+
 @pytest.fixture(scope="session")
 def params() -> dict[str, Any]:
     return load_params(REPO / "params.yaml")

@@ -26,11 +26,9 @@ from mlflow.tracking import MlflowClient
 from bonedamage.cli import main
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import split_rows
-from bonedamage.learn.final import save_model
-from bonedamage.learn.models import build_cnn, build_resnet
 from bonedamage.lifecycle import registry, tracking
 from bonedamage.lifecycle.pyfunc import load_classifier
-from conftest import TINY_ARCH
+from conftest import tiny_metrics, write_tiny_models
 
 TISSUE = "cortical"
 CFG = {
@@ -38,29 +36,6 @@ CFG = {
     "min_balanced_accuracy": 0.6,
     "tolerance": {"balanced_accuracy": 0.005, "roc_auc": 0.01},
 }
-
-
-def write_models(models: Path, seed: int, tile_px: int, val: float = 0.8) -> None:
-    """A tiny CNN and a ResNet-18 with seeded random weights and their sidecars."""
-    torch.manual_seed(seed)
-    meta = {"tissue": TISSUE, "tile_px": tile_px, "best_epoch": 1}
-    save_model(
-        models / "cnn.pt",
-        build_cnn(TINY_ARCH),
-        {**meta, "kind": "cnn", "arch": TINY_ARCH, "val_balanced_accuracy": val},
-    )
-    save_model(
-        models / "resnet" / "resnet_scratch.pt",
-        build_resnet("resnet18"),
-        {**meta, "kind": "resnet", "arch": "resnet18", "init": "scratch",
-         "val_balanced_accuracy": val - 0.1},
-    )  # fmt: skip
-
-
-def metrics(ba: float, auc: float) -> dict[str, Any]:
-    row = {"balanced_accuracy": ba, "roc_auc": auc, "accuracy": ba, "f1": ba, "ece": 0.05,
-           "scan_accuracy": 1.0}  # fmt: skip
-    return {"cnn": row, "resnet_scratch": dict(row)}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +48,8 @@ def env(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     params["resnet"]["inits"] = ["scratch"]
     store = TileStore(learn_data[0])
     tile_px = int(store.index["tile_px"].iloc[0])
-    write_models(tmp / "v1", seed=1, tile_px=tile_px)
-    (tmp / "v1.json").write_text(json.dumps(metrics(0.80, 0.90)))
+    write_tiny_models(tmp / "v1", TISSUE, seed=1, tile_px=tile_px)
+    (tmp / "v1.json").write_text(json.dumps(tiny_metrics(0.80, 0.90)))
     done = registry.run_register(
         params, TISSUE, *learn_data, tmp / "v1", tmp / "v1.json", tmp / "v1-record.json"
     )
@@ -98,8 +73,8 @@ def champion(name: str) -> int:
 def register_version(env: dict, label: str, seed: int, ba: float, auc: float) -> None:
     mlflow.set_tracking_uri(env["uri"])
     tmp = env["tmp"]
-    write_models(tmp / label, seed=seed, tile_px=env["tile_px"])
-    (tmp / f"{label}.json").write_text(json.dumps(metrics(ba, auc)))
+    write_tiny_models(tmp / label, TISSUE, seed=seed, tile_px=env["tile_px"])
+    (tmp / f"{label}.json").write_text(json.dumps(tiny_metrics(ba, auc)))
     registry.run_register(
         env["params"], TISSUE, *env["data"], tmp / label, tmp / f"{label}.json",
         tmp / f"{label}-record.json",

@@ -13,7 +13,13 @@ import pytest
 from bonedamage.data.ingest import IngestRequest, ingest_scans
 from bonedamage.data.manifest import read_manifest, write_manifest
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
-from bonedamage.data.tiling import TilingError, fit_normalization, tile_dataset, tile_px
+from bonedamage.data.tiling import (
+    TilingError,
+    damage_masks,
+    fit_normalization,
+    tile_dataset,
+    tile_px,
+)
 from bonedamage.data.volume import open_volume
 from conftest import REAL_STACK
 
@@ -102,6 +108,19 @@ def test_damage_fraction_comes_from_the_mask(tiles: Path, small_dataset: Path) -
     with open_volume(small_dataset / manifest.loc[row.scan_id, "mask_path"]) as mask:
         window = mask.read(int(row.z))[row.y : row.y + 16, row.x : row.x + 16]
     assert window.mean() == pytest.approx(row.damage_fraction)
+
+
+@pytest.mark.parametrize("planes", [["axial"], ["coronal", "sagittal"]])
+def test_damage_masks_are_cut_exactly_like_their_tiles(
+    small_dataset: Path, cfg: dict, tmp_path: Path, planes: list[str]
+) -> None:
+    index = tile_dataset(small_dataset, tmp_path / "t", dict(cfg, planes=planes), progress=False)
+    rows = index.sample(frac=1.0, random_state=0)  # any order, several scans and planes
+    masks = damage_masks(small_dataset, rows)
+    assert masks.shape == (len(rows), 16, 16) and masks.dtype == bool
+    np.testing.assert_allclose(masks.mean(axis=(1, 2)), rows["damage_fraction"], atol=1e-6)
+    assert masks[rows["state"].to_numpy() == "failed"].any()
+    assert not masks[rows["state"].to_numpy() == "pristine"].any()
 
 
 def test_tiling_is_deterministic(small_dataset: Path, cfg: dict, tiles: Path, tmp_path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -160,12 +160,10 @@ def fit_normalization(
 
 
 # -- planes -------------------------------------------------------------------------------
-def iter_planes(reader: VolumeReader, plane: str, stride: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(index along the plane normal, 2D plane) every ``stride`` planes; z rows first."""
+def plane_reader(reader: VolumeReader, plane: str) -> tuple[int, Callable[[int], np.ndarray]]:
+    """(number of planes, index -> 2D plane) of a volume cut along ``plane``."""
     if plane == "axial":
-        for z in range(0, reader.shape[0], stride):
-            yield z, reader.read(z)
-        return
+        return reader.shape[0], reader.read
     volume = reader.memmap
     if volume is None:
         nbytes = int(np.prod(reader.shape)) * reader.dtype.itemsize
@@ -176,9 +174,25 @@ def iter_planes(reader: VolumeReader, plane: str, stride: int) -> Iterator[tuple
             )
         volume = np.stack([reader.read(z) for z in range(reader.shape[0])])  # small masks
     axis = 1 if plane == "coronal" else 2
-    for i in range(0, reader.shape[axis], stride):
+
+    def read(i: int) -> np.ndarray:
         section = volume[:, i, :] if axis == 1 else volume[:, :, i]
-        yield i, np.array(section, dtype=reader.dtype)
+        return np.array(section, dtype=reader.dtype)
+
+    return reader.shape[axis], read
+
+
+def iter_planes(reader: VolumeReader, plane: str, stride: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index along the plane normal, 2D plane) every ``stride`` planes; z rows first."""
+    count, read = plane_reader(reader, plane)
+    for i in range(0, count, stride):
+        yield i, read(i)
+
+
+def scan_scale(voxel_size_um: float, working_voxel_um: float) -> float:
+    """Resampling factor of a scan to the working voxel size (1.0 within 1 %)."""
+    scale = voxel_size_um / working_voxel_um
+    return 1.0 if abs(scale - 1.0) < 0.01 else scale
 
 
 def _resample(plane: np.ndarray, scale: float, order: int) -> np.ndarray:
@@ -236,9 +250,7 @@ def tile_scan(
     the scan's normalisation (``norm_lo``, ``norm_hi``) that turns them into [0, 1] values.
     """
     path = confined(data_root, row.path, what=f"scan {row.scan_id}: path")
-    scale = row.voxel_size_um / settings.working_voxel_um
-    if abs(scale - 1.0) < 0.01:
-        scale = 1.0
+    scale = scan_scale(row.voxel_size_um, settings.working_voxel_um)
     size = settings.tile_px
     parts: list[dict[str, np.ndarray]] = []
     with open_volume(path) as vol:
@@ -401,3 +413,40 @@ def tile_dataset(
             staging / NORMALIZATION_NAME, json.dumps(normalization, indent=1, sort_keys=True) + "\n"
         )
     return index
+
+
+PLANE_AXIS = {"axial": "z", "coronal": "y", "sagittal": "x"}  # index column of each plane
+
+
+def tile_origin(tile_id: str) -> tuple[int, int]:
+    """(row, column) of a tile in its resampled plane, from its id ``scan/<plane>-rrrr-cccc``."""
+    _, r, c = tile_id.rsplit("/", 1)[1].split("-")
+    return int(r), int(c)
+
+
+def damage_masks(data_root: Path, rows: pd.DataFrame) -> np.ndarray:
+    """Ground-truth damage masks of tiles (bool, ``(n, px, px)``), in ``rows`` order.
+
+    Cut from each scan's damage mask exactly as ``tile_scan`` cut the tile (same plane,
+    resampling and origin), so ``masks.mean((1, 2))`` equals the index's
+    ``damage_fraction``; all False for scans without a mask.
+    """
+    manifest = read_manifest(data_root).set_index("scan_id")
+    size = int(rows["tile_px"].iloc[0]) if len(rows) else 0
+    out = np.zeros((len(rows), size, size), dtype=bool)
+    at = pd.Series(np.arange(len(rows)), index=rows.index)
+    for scan_id, scan_rows in rows.groupby("scan_id", sort=False):
+        entry = manifest.loc[scan_id]
+        if not isinstance(entry.mask_path, str) or not entry.mask_path:
+            continue
+        scale = scan_scale(float(entry.voxel_size_um), float(scan_rows["voxel_size_um"].iloc[0]))
+        mask_file = confined(data_root, entry.mask_path, what=f"scan {scan_id}: mask_path")
+        with open_volume(mask_file) as vol:
+            for plane, plane_rows in scan_rows.groupby("plane", sort=False):
+                read = plane_reader(vol, str(plane))[1]
+                for index, group in plane_rows.groupby(PLANE_AXIS[str(plane)], sort=False):
+                    damage = _resample(read(int(index)), scale, 0) > 0
+                    for key, tile_id in zip(group.index, group["tile_id"], strict=True):
+                        r, c = tile_origin(str(tile_id))
+                        out[at[key]] = damage[r : r + size, c : c + size]
+    return out

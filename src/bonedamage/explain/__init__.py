@@ -1,0 +1,1 @@
+"""Explanations of the failed-vs-pristine classifiers: Grad-CAM maps and how to judge them."""

@@ -1,0 +1,436 @@
+"""Grad-CAM core: class activation maps for the failed class, and how to judge them.
+
+Pure functions over a model and tiles (``(N, H, W)`` float32, about [0, 1]); no tracking,
+no CLI. Maps come from pytorch-grad-cam (``METHODS``) at :func:`target_layer` (by default
+the last conv block, :func:`bonedamage.learn.models.gradcam_target_layer`), for class 1
+(failed), one per tile, resized to the tile and scaled to [0, 1] per tile.
+
+Two questions are answered separately:
+
+* localization (plain numpy, needs a ground-truth damage mask): does the map put its
+  mass on the damage? :func:`energy_ratio`, :func:`cam_iou`, and the same numbers for
+  two maps that know nothing about the tile (:func:`uniform_map`,
+  :func:`centre_bias_map`) as baselines (:func:`localization_summary`);
+* faithfulness (no mask): does the model really rely on the highlighted pixels?
+  :func:`faithfulness` (ROAD, from pytorch-grad-cam's metrics).
+
+Export: :func:`overlay_grid` (PNG), :func:`write_cam_tiff` (float32 TIFF), and
+:func:`select_by_outcome` to pick true/false positives/negatives to show.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import tifffile
+import torch
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
+from torch import nn
+
+from bonedamage.atomic import atomic_path
+from bonedamage.learn.models import gradcam_target_layer
+
+FAILED = 1  # class index of "failed" in the models' two logits
+DEFAULT_METHOD = "gradcam"
+METHODS: Mapping[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    # gradient-free. EigenCAM: first principal component of the layer's activations; it
+    # ignores the target class and its sign is arbitrary (a map may come out inverted).
+    "eigencam": EigenCAM,
+    # ScoreCAM: one forward pass per channel of the layer and tile (512 for ResNet
+    # layer4: about 1 s per 64 px tile on 2 CPU cores, ~100x Grad-CAM). pytorch-grad-cam
+    # draws a tqdm bar per tile; TQDM_DISABLE=1 (set before Python starts) silences it.
+    "scorecam": ScoreCAM,
+}
+OUTCOMES = ("tp", "fp", "tn", "fn")
+ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def _as_tiles(tiles: np.ndarray, name: str = "tiles") -> np.ndarray:
+    arr = np.asarray(tiles, dtype=np.float32)
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be an (N, H, W) array, got shape {arr.shape}")
+    return arr
+
+
+def _as_map_and_mask(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cam = np.asarray(cam, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if cam.ndim != 2 or cam.shape != mask.shape:
+        raise ValueError(
+            f"cam and mask must be 2D arrays of the same shape, got {cam.shape} and {mask.shape}"
+        )
+    return cam, mask
+
+
+def _batches(n: int, batch_size: int) -> range:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return range(0, n, batch_size)
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    """Names of submodules holding a convolution (Grad-CAM candidates), shallow to deep."""
+    return [
+        name
+        for name, mod in model.named_modules()
+        if name and any(isinstance(m, nn.Conv2d | nn.Conv3d) for m in mod.modules())
+    ]
+
+
+# ---------------------------------------------------------------------- maps, probs
+
+
+def target_layer(model: nn.Module, override: str | None = None) -> nn.Module:
+    """The layer Grad-CAM looks at: the last conv block, or the submodule named ``override``.
+
+    ``override`` is a dotted name as in ``model.named_modules()`` (``"features.1"``,
+    ``"layer4.1"``, ``"layer3"``). An unknown name is a ValueError listing valid ones.
+    """
+    if override is None:
+        return gradcam_target_layer(model)
+    if not isinstance(override, str) or not override:
+        raise ValueError(f"target layer override must be a non-empty module name, got {override!r}")
+    try:
+        return model.get_submodule(override)
+    except AttributeError:
+        names = _layer_names(model)
+        shown = names if len(names) <= 12 else [*names[:4], "...", *names[-8:]]
+        raise ValueError(
+            f"{type(model).__name__} has no layer {override!r}; layers with convolutions "
+            f"({len(names)}): {', '.join(shown)}"
+        ) from None
+
+
+def compute_cams(
+    model: nn.Module,
+    tiles: np.ndarray,
+    method: str = DEFAULT_METHOD,
+    layer: str | nn.Module | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Class activation maps for the failed class: ``(N, H, W)`` float32 in [0, 1].
+
+    ``tiles`` is ``(N, H, W)``; each map has its tile's size and is scaled to [0, 1] on its
+    own (pytorch-grad-cam's min-max; a map with no positive evidence is all 0). ``method``
+    is a key of :data:`METHODS`; ``layer`` a module of ``model``, a name for
+    :func:`target_layer`, or None (last conv block). The model is moved to ``device`` and
+    run in eval mode; its train/eval mode is restored afterwards, its parameter gradients
+    are cleared (``.grad = None``), and no hooks stay behind. Autograd is switched on
+    inside (also under ``torch.no_grad``/``inference_mode``), as pytorch-grad-cam needs
+    it, and works with frozen parameters (the input requires grad). Deterministic on the
+    CPU.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}: choose from {list(METHODS)}")
+    arr = _as_tiles(tiles)
+    n, h, w = arr.shape
+    batches = _batches(n, batch_size)
+    layer_mod = layer if isinstance(layer, nn.Module) else target_layer(model, layer)
+    device = torch.device(device)
+    was_training = model.training
+    out = np.empty((n, h, w), dtype=np.float32)
+    model.to(device)
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            METHODS[method](model=model, target_layers=[layer_mod]) as cam,
+        ):
+            cam.batch_size = batch_size  # read by ScoreCAM only
+            for start in batches:
+                x = torch.from_numpy(arr[start : start + batch_size, None]).to(device)
+                if cam.uses_gradients:
+                    x.requires_grad_(True)  # activations need grad even if weights are frozen
+                try:
+                    maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(FAILED)] * len(x))
+                except IndexError as exc:  # BaseCAM.__exit__ would swallow it silently
+                    raise RuntimeError(f"{method} failed on tiles {start}..: {exc}") from exc
+                out[start : start + len(x)] = maps
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def failed_probability(
+    model: nn.Module,
+    tiles: np.ndarray,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Softmax probability of the failed class per tile, ``(N,)`` float32.
+
+    Eval mode under ``torch.inference_mode``; the model's train/eval mode is restored.
+    """
+    arr = _as_tiles(tiles)
+    batches = _batches(len(arr), batch_size)
+    device = torch.device(device)
+    was_training = model.training
+    probs = np.empty(len(arr), dtype=np.float32)
+    model.to(device).eval()
+    try:
+        with torch.inference_mode():
+            for start in batches:
+                x = torch.from_numpy(arr[start : start + batch_size, None]).to(device)
+                p = torch.softmax(model(x).float(), dim=1)[:, FAILED]
+                probs[start : start + len(x)] = p.cpu().numpy()
+    finally:
+        model.train(was_training)
+    return probs
+
+
+# ---------------------------------------------------------------------- localization
+
+
+def energy_ratio(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's mass inside the mask, relative to the mask's share of the tile.
+
+    ``(sum(cam[mask]) / sum(cam)) / (mask.sum() / mask.size)`` for a non-negative ``cam``.
+    1.0: no better than a uniform map; ``1 / area share`` (its maximum): all mass inside
+    the mask; below 1: the map avoids the mask. NaN when the mask is empty or the map
+    sums to 0.
+    """
+    cam, mask = _as_map_and_mask(cam, mask)
+    if np.any(cam < 0):
+        raise ValueError("energy_ratio needs a non-negative map")
+    total, area = float(cam.sum()), int(mask.sum())
+    if area == 0 or total <= 0:
+        return math.nan
+    return float(cam[mask].sum()) / total / (area / mask.size)
+
+
+def cam_iou(cam: np.ndarray, mask: np.ndarray, threshold: float | None = None) -> float:
+    """Intersection over union of the thresholded map and the mask.
+
+    ``threshold=None`` (default, scale-free): keep the k highest pixels of the map, with
+    k = mask area; pixels tied with the k-th highest value are all kept (so a constant map
+    keeps the whole tile and scores the mask's area share). A number: keep
+    ``cam >= threshold``. IoU = |kept & mask| / |kept | mask|. NaN when the mask is empty.
+    """
+    cam, mask = _as_map_and_mask(cam, mask)
+    area = int(mask.sum())
+    if area == 0:
+        return math.nan
+    if threshold is None:
+        kth = np.partition(cam.ravel(), cam.size - area)[cam.size - area]  # k-th highest
+        kept = cam >= kth
+    else:
+        kept = cam >= threshold
+    union = int(np.count_nonzero(kept | mask))
+    return int(np.count_nonzero(kept & mask)) / union
+
+
+def uniform_map(shape: tuple[int, int]) -> np.ndarray:
+    """Baseline map that knows nothing: all ones, float32."""
+    return np.ones(shape, dtype=np.float32)
+
+
+def centre_bias_map(shape: tuple[int, int], sigma_frac: float = 0.25) -> np.ndarray:
+    """Baseline map "damage is in the middle": isotropic Gaussian on the tile centre.
+
+    ``exp(-r^2 / (2 sigma^2))`` with r the distance to the centre ``((H-1)/2, (W-1)/2)``
+    and ``sigma = sigma_frac * min(H, W)``; float32, 1 at the centre.
+    """
+    h, w = shape
+    if sigma_frac <= 0:
+        raise ValueError(f"sigma_frac must be > 0, got {sigma_frac}")
+    sigma = sigma_frac * min(h, w)
+    y = np.arange(h, dtype=np.float64)[:, None] - (h - 1) / 2
+    x = np.arange(w, dtype=np.float64)[None, :] - (w - 1) / 2
+    return np.exp(-(y**2 + x**2) / (2 * sigma**2)).astype(np.float32)
+
+
+def localization_summary(
+    cams: np.ndarray, masks: np.ndarray, threshold: float | None = None
+) -> dict[str, float | int]:
+    """Mean localization metrics over the tiles whose mask is not empty.
+
+    Keys: ``cam_energy_ratio``, ``cam_iou`` (the maps), ``uniform_energy_ratio``,
+    ``uniform_iou`` (:func:`uniform_map`), ``centre_energy_ratio``, ``centre_iou``
+    (:func:`centre_bias_map`), and ``n_tiles`` (tiles with a non-empty mask). Means skip
+    NaN (a map that sums to 0); NaN where no tile counts. ``threshold`` goes to
+    :func:`cam_iou`.
+    """
+    cams = _as_tiles(cams, "cams")
+    masks = np.asarray(masks, dtype=bool)
+    if masks.shape != cams.shape:
+        raise ValueError(f"cams {cams.shape} and masks {masks.shape} must have the same shape")
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    shape = cams.shape[1:]
+    baselines = {"cam": None, "uniform": uniform_map(shape), "centre": centre_bias_map(shape)}
+    out: dict[str, float | int] = {}
+    for name, base in baselines.items():
+        energy, iou = [], []
+        for cam, mask in zip(cams[keep], masks[keep], strict=True):
+            m = cam if base is None else base
+            energy.append(energy_ratio(m, mask))
+            iou.append(cam_iou(m, mask, threshold))
+        for key, vals in (("energy_ratio", energy), ("iou", iou)):
+            finite = [v for v in vals if not math.isnan(v)]
+            out[f"{name}_{key}"] = float(np.mean(finite)) if finite else math.nan
+    out["n_tiles"] = int(keep.sum())
+    return out
+
+
+# ---------------------------------------------------------------------- faithfulness
+
+
+def _rank_map(cam: np.ndarray) -> np.ndarray:
+    """``cam`` replaced by its rank in [0, 1] (ties by pixel index): no two pixels equal."""
+    order = np.argsort(-cam.ravel(), kind="stable")  # most relevant first
+    ranks = np.empty(cam.size, dtype=np.float32)
+    ranks[order] = np.linspace(1.0, 0.0, cam.size, dtype=np.float32)
+    return ranks.reshape(cam.shape)
+
+
+def faithfulness(
+    model: nn.Module,
+    tiles: np.ndarray,
+    cams: np.ndarray,
+    device: str | torch.device = "cpu",
+    percentiles: Sequence[int] = ROAD_PERCENTILES,
+    seed: int = 0,
+) -> float:
+    """ROAD faithfulness of ``cams`` (pytorch-grad-cam's ``ROADCombined``), mean over tiles.
+
+    For each percentile p, ROAD imputes (noisy linear infill) the (100-p) % most relevant
+    pixels (MoRF), or the (100-p) % least relevant (LeRF), and reads the model's softmax
+    probability of the failed class. Per tile the score is
+    ``mean_p [P(failed | LeRF) - P(failed | MoRF)] / 2``, in [-0.5, 0.5]. Higher is more
+    faithful: removing what the map highlights hurts the prediction more than removing
+    what it ignores. 0: no better than an arbitrary map; negative: the map points away
+    from the evidence. The maps are replaced by their pixel ranks first (ties by pixel
+    index) so every percentile removes exactly its share even where a map is flat (Grad-
+    CAM maps are often 0 over large areas). One-channel input works. Tile i's imputation
+    noise is seeded with ``seed + i`` (torch's global RNG is left as it was), so a tile's
+    score does not depend on the others: deterministic on the CPU. Cost: 2 x
+    len(percentiles) imputations per tile (about 0.25 s per 64 px tile with the default
+    nine percentiles). NaN for no tiles.
+    """
+    arr = _as_tiles(tiles)
+    cams = _as_tiles(cams, "cams")
+    if cams.shape != arr.shape:
+        raise ValueError(f"cams {cams.shape} and tiles {arr.shape} must have the same shape")
+    if len(arr) == 0:
+        return math.nan
+    metric = ROADCombined(percentiles=list(percentiles))
+    target = [ClassifierOutputSoftmaxTarget(FAILED)]
+    device = torch.device(device)
+    was_training = model.training
+    scores = np.empty(len(arr), dtype=np.float64)
+    model.to(device).eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
+            # ROAD's imputer hands torch tensors to np.argwhere: numpy 2 warns each time
+            warnings.filterwarnings("ignore", "__array_wrap__ must accept", DeprecationWarning)
+            for i, (tile, cam) in enumerate(zip(arr, cams, strict=True)):
+                torch.manual_seed(seed + i)
+                x = torch.from_numpy(tile[None, None]).to(device)
+                scores[i] = float(np.asarray(metric(x, _rank_map(cam)[None], target, model))[0])
+    finally:
+        model.train(was_training)
+    return float(scores.mean())
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def select_by_outcome(
+    labels: np.ndarray, probs: np.ndarray, n_per_group: int, threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Indices of up to ``n_per_group`` tiles per outcome: ``"tp"``, ``"fp"``, ``"tn"``, ``"fn"``.
+
+    Predicted failed: ``probs >= threshold``; ``labels`` 1 = failed. Within a group the
+    most confident predictions come first (highest ``probs`` for tp/fp, lowest for tn/fn),
+    ties by index. int64 arrays, possibly shorter than ``n_per_group`` or empty.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    if labels.ndim != 1 or labels.shape != probs.shape:
+        raise ValueError(f"labels {labels.shape} and probs {probs.shape} must be equal 1D shapes")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (pristine) or 1 (failed)")
+    if n_per_group < 0:
+        raise ValueError(f"n_per_group must be >= 0, got {n_per_group}")
+    pred = probs >= threshold
+    truth = labels == 1
+    groups = {"tp": pred & truth, "fp": pred & ~truth, "tn": ~pred & ~truth, "fn": ~pred & truth}
+    out = {}
+    idx = np.arange(len(probs))
+    for name, member in groups.items():
+        conf = probs if name in ("tp", "fp") else -probs
+        sel = idx[member]
+        order = np.lexsort((sel, -conf[member]))  # last key first: confidence, then index
+        out[name] = sel[order][:n_per_group].astype(np.int64)
+    return out
+
+
+def overlay_grid(
+    tiles: np.ndarray,
+    cams: np.ndarray,
+    titles: Sequence[str] | None,
+    path: str | os.PathLike[str],
+    ncols: int = 4,
+    alpha: float = 0.45,
+    cmap: str = "jet",
+) -> None:
+    """Write a PNG grid: each tile in grey (0..1) with its map on top (``cmap``, 0..1).
+
+    ``titles`` (one per tile, or None) label the panels. Matplotlib's Agg canvas, no
+    pyplot state; the PNG has no software/date metadata, so the same input gives the
+    same bytes. Written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    arr = _as_tiles(tiles)
+    cams = _as_tiles(cams, "cams")
+    if cams.shape != arr.shape:
+        raise ValueError(f"cams {cams.shape} and tiles {arr.shape} must have the same shape")
+    if titles is not None and len(titles) != len(arr):
+        raise ValueError(f"{len(titles)} titles for {len(arr)} tiles")
+    if len(arr) == 0:
+        raise ValueError("overlay_grid needs at least one tile")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    ncols = min(ncols, len(arr))
+    nrows = math.ceil(len(arr) / ncols)
+    fig = Figure(figsize=(2.0 * ncols, 2.0 * nrows + (0.3 * nrows if titles else 0)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if i >= len(arr):
+            continue
+        ax.imshow(arr[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(cams[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+
+
+def write_cam_tiff(path: str | os.PathLike[str], cam: np.ndarray) -> None:
+    """Write one map (2D) as an uncompressed float32 TIFF, atomically."""
+    arr = np.asarray(cam, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"a CAM must be a 2D array, got shape {arr.shape}")
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, arr, photometric="minisblack")

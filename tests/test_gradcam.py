@@ -1,0 +1,318 @@
+"""Grad-CAM core: target layers, maps, localization metrics, faithfulness and export."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from bonedamage.explain import gradcam as gc
+from bonedamage.learn.models import build_cnn, build_resnet
+from conftest import TINY_ARCH
+
+SIZE, SQUARE = 64, 12
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return build_cnn(TINY_ARCH)
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return build_resnet("resnet18")
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+def _squares(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noise tiles; odd tiles (class 1) get a bright square in a random quadrant (the mask)."""
+    rng = np.random.default_rng(seed)
+    tiles = rng.uniform(0.0, 0.5, (n, SIZE, SIZE)).astype(np.float32)
+    labels = np.arange(n) % 2
+    masks = np.zeros((n, SIZE, SIZE), dtype=bool)
+    half = SIZE // 2
+    for i in np.flatnonzero(labels):
+        qy, qx = rng.integers(0, 2, 2)
+        y = qy * half + rng.integers(2, half - SQUARE - 2)
+        x = qx * half + rng.integers(2, half - SQUARE - 2)
+        masks[i, y : y + SQUARE, x : x + SQUARE] = True
+    tiles[masks] += 0.5
+    return tiles, labels, masks
+
+
+@pytest.fixture(scope="module")
+def square_model() -> nn.Module:
+    """TINY CNN trained 40 steps to tell tiles with a bright square (class 1) from noise."""
+    tiles, labels, _ = _squares(0, 256)
+    rng = np.random.default_rng(0)
+    model = _cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.from_numpy(tiles[:, None]), torch.from_numpy(labels)
+    model.train()
+    for _ in range(40):
+        idx = torch.from_numpy(rng.choice(len(x), 32, replace=False))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+# ------------------------------------------------------------------- target layer
+
+
+def test_target_layer_default_is_last_conv_block() -> None:
+    cnn, res = _cnn(), _resnet()
+    assert gc.target_layer(cnn) is cnn.features[-1]
+    assert gc.target_layer(res) is res.layer4[-1]
+
+
+def test_target_layer_override_by_name() -> None:
+    cnn, res = _cnn(), _resnet()
+    assert gc.target_layer(cnn, "features.0") is cnn.features[0]
+    assert gc.target_layer(res, "layer3") is res.layer3
+    assert gc.target_layer(res, "layer4.0.conv2") is res.layer4[0].conv2
+
+
+@pytest.mark.parametrize("build", [_cnn, _resnet])
+def test_target_layer_bad_name_is_clear(build) -> None:
+    model = build()
+    with pytest.raises(ValueError, match=r"no layer 'layer9\.1'") as err:
+        gc.target_layer(model, "layer9.1")
+    valid = "features.1" if isinstance(model, type(_cnn())) else "layer4.1"
+    assert valid in str(err.value)
+    with pytest.raises(ValueError, match="non-empty"):
+        gc.target_layer(model, "")
+
+
+# ----------------------------------------------------------------- compute_cams
+
+
+@pytest.mark.parametrize("build", [_cnn, _resnet])
+def test_compute_cams_shape_range_and_no_side_effects(build) -> None:
+    model = build().train()
+    tiles = np.random.default_rng(1).random((5, SIZE, SIZE), dtype=np.float32)
+    hooks = _hooks(model)
+    with torch.no_grad():  # the caller's no_grad must not break it, and stays in force
+        cams = gc.compute_cams(model, tiles, batch_size=2)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+    assert cams.shape == tiles.shape and cams.dtype == np.float32
+    assert cams.min() >= 0.0 and cams.max() <= 1.0
+    peaks = cams.reshape(len(cams), -1).max(axis=1)  # scaled per tile: 1, or 0 if no evidence
+    assert np.all((np.abs(peaks - 1.0) < 1e-5) | (peaks == 0.0))
+    assert _hooks(model) == hooks == 0
+    assert not gc.target_layer(model)._forward_hooks
+    assert model.training  # mode restored
+    assert all(p.grad is None for p in model.parameters())
+    np.testing.assert_allclose(gc.compute_cams(model, tiles, batch_size=64), cams, atol=1e-5)
+
+
+def test_compute_cams_non_square_inference_mode_and_methods() -> None:
+    model = _cnn()
+    tiles = np.random.default_rng(2).random((3, 48, 64), dtype=np.float32)
+    with torch.inference_mode():
+        cams = gc.compute_cams(model, tiles, layer="features.0")
+    assert cams.shape == (3, 48, 64)
+    for method in gc.METHODS:
+        out = gc.compute_cams(model, tiles, method=method)
+        assert out.shape == (3, 48, 64) and out.dtype == np.float32
+        assert 0.0 <= out.min() <= out.max() <= 1.0
+    assert _hooks(model) == 0
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        gc.compute_cams(model, tiles, method="gradcam3000")
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        gc.compute_cams(model, tiles[0])
+
+
+def test_compute_cams_frozen_weights_and_deterministic(square_model: nn.Module) -> None:
+    tiles, _, _ = _squares(3, 4)
+    cams = gc.compute_cams(square_model, tiles)
+    np.testing.assert_array_equal(gc.compute_cams(square_model, tiles), cams)
+    for p in square_model.parameters():
+        p.requires_grad_(False)
+    try:
+        np.testing.assert_allclose(gc.compute_cams(square_model, tiles), cams, atol=1e-6)
+    finally:
+        for p in square_model.parameters():
+            p.requires_grad_(True)
+
+
+def test_failed_probability_is_softmax_of_class_1() -> None:
+    model = _cnn().train()
+    tiles = np.random.default_rng(4).random((5, SIZE, SIZE), dtype=np.float32)
+    probs = gc.failed_probability(model, tiles, batch_size=2)
+    assert model.training
+    with torch.no_grad():
+        want = torch.softmax(model.eval()(torch.from_numpy(tiles[:, None])), 1)[:, 1].numpy()
+    assert probs.shape == (5,) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, want, atol=1e-6)
+
+
+# ------------------------------------------------------------------- localization
+
+
+def test_localization_metrics_known_answers() -> None:
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:4, :4] = True  # a quarter of the tile
+    cam = mask.astype(np.float32)
+    assert gc.energy_ratio(cam, mask) == pytest.approx(4.0)
+    assert gc.cam_iou(cam, mask) == pytest.approx(1.0)
+    assert gc.cam_iou(cam, mask, threshold=0.5) == pytest.approx(1.0)
+    uniform = gc.uniform_map(mask.shape)
+    assert gc.energy_ratio(uniform, mask) == pytest.approx(1.0)
+    assert gc.cam_iou(uniform, mask) == pytest.approx(0.25)  # ties keep the whole tile
+    half = np.zeros((8, 8), dtype=np.float32)
+    half[:4, :] = 1.0  # mask plus the same area outside
+    assert gc.energy_ratio(half, mask) == pytest.approx(2.0)
+    assert gc.cam_iou(half, mask, threshold=0.5) == pytest.approx(0.5)
+    away = 1.0 - cam
+    assert gc.energy_ratio(away, mask) == pytest.approx(0.0)
+    assert gc.cam_iou(away, mask) == pytest.approx(0.0)
+    empty = np.zeros_like(mask)
+    assert math.isnan(gc.energy_ratio(cam, empty)) and math.isnan(gc.cam_iou(cam, empty))
+    assert math.isnan(gc.energy_ratio(np.zeros((8, 8)), mask))
+    with pytest.raises(ValueError, match="same shape"):
+        gc.energy_ratio(cam, mask[:4])
+
+
+def test_centre_bias_map() -> None:
+    c = gc.centre_bias_map((9, 9))
+    assert c.dtype == np.float32 and c[4, 4] == pytest.approx(1.0) and c.argmax() == 40
+    np.testing.assert_allclose(c, c.T)
+    np.testing.assert_allclose(c, c[::-1, ::-1])
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[3:6, 3:6] = True
+    assert gc.energy_ratio(c, mask) > 1.5  # it does favour the centre
+    assert gc.cam_iou(c, mask) == pytest.approx(1.0)
+
+
+def test_localization_summary_skips_empty_masks() -> None:
+    masks = np.zeros((3, 8, 8), dtype=bool)
+    masks[0, :4, :4] = True
+    masks[2, 4:, 4:] = True
+    cams = masks.astype(np.float32)
+    cams[2] = 1.0 - cams[2]  # tile 2's map avoids its mask
+    s = gc.localization_summary(cams, masks)
+    assert s["n_tiles"] == 2
+    assert s["cam_energy_ratio"] == pytest.approx((4.0 + 0.0) / 2)
+    assert s["cam_iou"] == pytest.approx(0.5)
+    assert s["uniform_energy_ratio"] == pytest.approx(1.0)
+    assert s["uniform_iou"] == pytest.approx(0.25)
+    assert set(s) == {
+        "cam_energy_ratio",
+        "cam_iou",
+        "uniform_energy_ratio",
+        "uniform_iou",
+        "centre_energy_ratio",
+        "centre_iou",
+        "n_tiles",
+    }
+    none = gc.localization_summary(cams[1:2], masks[1:2])
+    assert none["n_tiles"] == 0 and math.isnan(none["cam_energy_ratio"])
+
+
+# --------------------------------------------------- alignment and faithfulness
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_cam_lights_up_the_square(square_model: nn.Module, method: str) -> None:
+    tiles, labels, masks = _squares(1, 32)
+    probs = gc.failed_probability(square_model, tiles)
+    pos = labels == 1
+    auc = (probs[pos][:, None] > probs[~pos][None, :]).mean()
+    assert auc >= 0.95  # precondition: the model did learn the task
+    s = gc.localization_summary(gc.compute_cams(square_model, tiles[pos], method), masks[pos])
+    assert s["n_tiles"] == pos.sum()
+    assert s["cam_energy_ratio"] > 1.5
+    assert s["cam_energy_ratio"] > 2 * s["centre_energy_ratio"]
+    assert s["cam_iou"] > 3 * s["uniform_iou"]
+    # model-randomisation sanity check (Adebayo et al. 2018): a random net's maps already
+    # follow bright edges a little (energy ratio ~2 here), training must do clearly better
+    untrained = gc.compute_cams(_cnn(), tiles[pos], method)  # same init as square_model
+    assert (
+        s["cam_energy_ratio"]
+        > 2 * gc.localization_summary(untrained, masks[pos])["cam_energy_ratio"]
+    )
+
+
+def test_faithfulness_prefers_the_real_map(square_model: nn.Module) -> None:
+    tiles, labels, _ = _squares(1, 8)
+    tiles = tiles[labels == 1]
+    cams = gc.compute_cams(square_model, tiles)
+    rng_state = torch.get_rng_state()
+    real = gc.faithfulness(square_model, tiles, cams, percentiles=(25, 75))
+    assert torch.equal(torch.get_rng_state(), rng_state)  # seeded privately
+    inverted = gc.faithfulness(square_model, tiles, 1.0 - cams, percentiles=(25, 75))
+    assert -0.5 <= inverted < 0.0 < 0.05 < real <= 0.5
+    # deterministic, and a tile's score does not depend on the other tiles (seed + index)
+    head = gc.faithfulness(square_model, tiles[:2], cams[:2], percentiles=(25, 75))
+    tail = gc.faithfulness(square_model, tiles[2:], cams[2:], percentiles=(25, 75), seed=2)
+    assert len(tiles) == 4 and (head + tail) / 2 == pytest.approx(real, abs=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        gc.faithfulness(square_model, tiles, cams[:2])
+
+
+# ------------------------------------------------------------------------- export
+
+
+def test_write_cam_tiff_round_trip(tmp_path) -> None:
+    cam = np.random.default_rng(5).random((48, 64), dtype=np.float32)
+    path = tmp_path / "sub" / "cam.tif"
+    gc.write_cam_tiff(path, cam)
+    back = tifffile.imread(path)
+    assert back.dtype == np.float32 and back.shape == cam.shape
+    np.testing.assert_array_equal(back, cam)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cam.tif"]  # no temp left
+    with pytest.raises(ValueError, match="2D"):
+        gc.write_cam_tiff(tmp_path / "bad.tif", cam[None])
+
+
+def test_overlay_grid_is_byte_identical(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    tiles = rng.random((5, 32, 32), dtype=np.float32)
+    cams = rng.random((5, 32, 32), dtype=np.float32)
+    titles = [f"tile {i} p=0.{i}" for i in range(5)]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    gc.overlay_grid(tiles, cams, titles, a, ncols=3)
+    gc.overlay_grid(tiles, cams, titles, b, ncols=3)
+    data = a.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data == b.read_bytes()
+    assert b"Software" not in data
+    gc.overlay_grid(tiles, cams, None, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes() != data
+    with pytest.raises(ValueError, match="titles"):
+        gc.overlay_grid(tiles, cams, titles[:2], tmp_path / "d.png")
+
+
+def test_select_by_outcome_hand_made() -> None:
+    labels = np.array([1, 1, 1, 0, 0, 0, 1, 0, 1])
+    probs = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.3, 0.9, 0.1, 0.5])
+    sel = gc.select_by_outcome(labels, probs, n_per_group=2)
+    assert set(sel) == set(gc.OUTCOMES)
+    assert sel["tp"].tolist() == [0, 6]  # 0.9, 0.9 (tie by index); 0.6 and 0.5 dropped
+    assert sel["fp"].tolist() == [3]
+    assert sel["tn"].tolist() == [4, 7]  # lowest probability first, tie by index
+    assert sel["fn"].tolist() == [2]
+    assert all(v.dtype == np.int64 for v in sel.values())
+    every = gc.select_by_outcome(labels, probs, n_per_group=10, threshold=0.95)
+    assert every["tp"].size == 0 and every["fn"].tolist() == [2, 8, 1, 0, 6]
+    with pytest.raises(ValueError, match="0 \\(pristine\\) or 1"):
+        gc.select_by_outcome(labels + 1, probs, 1)
+
+
+def test_rank_map_breaks_ties_by_index() -> None:
+    cam = np.array([[0.0, 0.5], [0.0, 0.0]], dtype=np.float32)
+    ranks = gc._rank_map(cam)
+    np.testing.assert_allclose(ranks, [[2 / 3, 1.0], [1 / 3, 0.0]], rtol=1e-6)

@@ -1,0 +1,91 @@
+"""The explain stage (explain/report.py): CAM exports aligned with their tiles, metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from bonedamage.data.tilestore import TileStore
+from bonedamage.explain import report
+from bonedamage.lifecycle import tracking
+from conftest import tiny_metrics, write_tiny_models
+
+TISSUE = "trabecular"
+
+
+@pytest.fixture(scope="module")
+def explained(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("explain")
+    tracking.configure({"db": "e.db", "artifacts": "art", "experiment": "explain"}, tmp)
+    params = copy.deepcopy(learn_params)
+    params["resnet"]["inits"] = ["scratch"]
+    params["registry"] = {"prefix": "t"}
+    params["explain"].update(n_per_outcome=2, localization_tiles=6, faithfulness_tiles=2)
+    store = TileStore(learn_data[0])
+    write_tiny_models(tmp / "models", TISSUE, seed=0, tile_px=int(store.index["tile_px"].iloc[0]))
+    (tmp / "metrics.json").write_text(json.dumps(tiny_metrics(0.8, 0.9)))
+
+    def run(name: str) -> dict[str, Any]:
+        return report.run_explain(
+            params, TISSUE, learn_data[0].parent / "raw", *learn_data, tmp / "models",
+            tmp / "metrics.json", tmp / name, tmp / f"{name}.json",
+        )  # fmt: skip
+
+    return {"tmp": tmp, "store": store, "results": run("a"), "run": run}
+
+
+def test_every_model_gets_localization_metrics_with_baselines(explained) -> None:
+    results = explained["results"]
+    saved = json.loads((explained["tmp"] / "a.json").read_text())
+    assert set(results) == set(saved) == {"cnn", "resnet_scratch"}
+    for metrics in saved.values():
+        for key in ("cam_energy_ratio", "cam_iou", "faithfulness_road", "centre_energy_ratio"):
+            assert key in metrics
+        assert metrics["uniform_energy_ratio"] == 1.0
+        assert 0 < metrics["n_tiles"] <= 6 and metrics["n_faithfulness_tiles"] == 2
+        assert 0 < metrics["mask_area_share"] < 1
+
+
+def test_cam_files_are_aligned_with_their_tiles(explained) -> None:
+    store = explained["store"]
+    ids = store.index["tile_id"].tolist()
+    for model in ("cnn", "resnet_scratch"):
+        folder = explained["tmp"] / "a" / TISSUE / model
+        index = pd.read_csv(folder / "index.csv")
+        assert len(index) > 0 and set(index["outcome"]) <= {"tp", "fp", "tn", "fn"}
+        assert (index.groupby("outcome").size() <= 2).all()
+        for row in index.itertuples():
+            cam = tifffile.imread(folder / row.cam_file)
+            tile = store.tile(ids.index(row.tile_id))
+            assert cam.dtype == np.float32 and cam.shape == tile.shape
+            assert cam.min() >= 0.0 and cam.max() <= 1.0
+            assert (folder / row.overlay).is_file()
+            assert row.label == int(store.index["label"].iloc[ids.index(row.tile_id)])
+
+
+def test_explain_is_deterministic_and_tracked(explained) -> None:
+    explained["run"]("b")
+    tmp = explained["tmp"]
+    assert (tmp / "a.json").read_bytes() == (tmp / "b.json").read_bytes()
+    for path in sorted((tmp / "a").rglob("*")):
+        if path.is_file():
+            assert path.read_bytes() == (tmp / "b" / path.relative_to(tmp / "a")).read_bytes()
+    runs = mlflow.search_runs(experiment_names=["explain"], output_format="list")
+    assert {r.data.tags.get("stage") for r in runs} == {"explain"}
+    client = mlflow.tracking.MlflowClient()
+    logged = [a.path for r in runs for a in client.list_artifacts(r.info.run_id, "gradcam")]
+    assert logged and all(p.startswith("gradcam/") for p in logged)
+    assert any("gradcam_cam_energy_ratio" in r.data.metrics for r in runs)
+
+
+def test_evenly_spaced_picks() -> None:
+    assert report.evenly_spaced(3, 5).tolist() == [0, 1, 2]
+    assert report.evenly_spaced(10, 3).tolist() == [0, 4, 9]
+    assert report.cam_file_name("scan-1/a0004-0016-0032") == "scan-1__a0004-0016-0032.tif"
