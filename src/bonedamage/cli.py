@@ -24,6 +24,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from bonedamage.data.synth.generate import SynthError
     from bonedamage.data.tiling import TilingError
     from bonedamage.data.volume import VolumeError
+    from bonedamage.explain.predict import PredictError
     from bonedamage.lifecycle.gate import GateError
     from bonedamage.lifecycle.pyfunc import RequestError
     from bonedamage.lifecycle.registry import PromotionError
@@ -33,6 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         GateError,
         IngestError,
         ManifestError,
+        PredictError,
         PromotionError,
         RequestError,
         SplitError,
@@ -349,6 +351,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict a whole scan with a registered model: tile table, verdict, 3D damage maps."""
+    from bonedamage.explain.predict import load_model, predict_scan
+
+    _tracked(args)
+    model = load_model(args.model)
+    verdict = predict_scan(
+        model,
+        Path(args.scan),
+        Path(args.out),
+        voxel_size_um=args.voxel_size_um,
+        model_uri=args.model,
+        cam=not args.no_cam,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{args.scan}: {verdict['verdict']} (mean tile probability "
+        f"{verdict['mean_prob_failed']:.3f} over {verdict['n_tiles']} tiles; "
+        f"{verdict['rule']}) -> {args.out}"
+    )
+    return 0
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     """Compare reproduced metrics with the committed ones; exit 1 on a regression."""
     from bonedamage.lifecycle.gate import run_gate, write_report
@@ -609,6 +635,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="localization metrics (default: metrics/TISSUE-gradcam.json)")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="whole-scan prediction and 3D damage maps",
+        description=cmd_predict.__doc__ + " Tiles the scan exactly as the model was trained "
+        "(its plane, tile size in um, working voxel size, slice stride, intensity percentiles "
+        "and filters travel with the registered model), classifies every tile in batches and "
+        "writes tiles.csv, slices.csv, verdict.json, probability.tif and cam.tif (ImageJ "
+        "stacks carrying the voxel size) and orthoviews.png into OUT (replaced atomically). "
+        "Streams the scan: memory stays bounded." + tracked,
+    )
+    p.add_argument("scan", metavar="SCAN", help="TIFF stack: multi-page file or folder of slices")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model URI, e.g. models:/bonedamage-trabecular@champion",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--voxel-size-um", type=float, help="voxel size (default: from the TIFF tags)")
+    p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM volume (faster)")
+    p.add_argument("--batch-size", type=int, default=256, help="tiles per batch (default: 256)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "gate",

@@ -318,6 +318,39 @@ def _blocks(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return tiles, rows, cols
 
 
+@dataclass(frozen=True)
+class PlaneTiles:
+    """The grid of tiles of one plane (raw values, after resampling) and the filters."""
+
+    image: np.ndarray  # the plane at the working voxel size
+    tiles: np.ndarray  # (n, px, px)
+    rows: np.ndarray
+    cols: np.ndarray
+    fov: np.ndarray  # reconstructed share of each tile
+    bone: np.ndarray  # bone share of each tile
+    keep: np.ndarray  # passes min_fov_fraction and min_bone_fraction
+
+
+def plane_tiles(raw: np.ndarray, norm: Normalization, settings: TileSettings) -> PlaneTiles:
+    """Cut one plane into the tile grid and apply the field-of-view and bone filters.
+
+    The one definition of "the tiles of a plane", shared by ``tile`` and ``predict``.
+    """
+    size = settings.tile_px
+    image = raw if norm.scale == 1.0 else _resample(raw.astype(np.float32), norm.scale, 1)
+    tiles, rows, cols = _blocks(image, size)
+    if norm.fill_value is None:
+        fov = np.ones(len(tiles), dtype=np.float32)
+    else:
+        recon = _resample((raw != norm.fill_value).astype(np.float32), norm.scale, 1) >= 0.5
+        fov = _blocks(recon, size)[0].mean(axis=(1, 2), dtype=np.float32)
+    pixels = size * size
+    bone_raw = norm.lo + norm.bone_threshold * (norm.hi - norm.lo)
+    bone = (tiles > bone_raw).reshape(len(tiles), pixels).sum(axis=1) / np.float32(pixels)
+    keep = (fov >= settings.min_fov_fraction) & (bone >= settings.min_bone_fraction)
+    return PlaneTiles(image, tiles, rows, cols, fov, bone, keep)
+
+
 def _cut(
     plane: str,
     index: int,
@@ -333,17 +366,9 @@ def _cut(
     the statistics are mapped through the scan's linear normalisation instead.
     """
     size = settings.tile_px
-    image = raw if norm.scale == 1.0 else _resample(raw.astype(np.float32), norm.scale, 1)
-    tiles, rows, cols = _blocks(image, size)
-    if norm.fill_value is None:
-        fov = np.ones(len(tiles), dtype=np.float32)
-    else:
-        recon = _resample((raw != norm.fill_value).astype(np.float32), norm.scale, 1) >= 0.5
-        fov = _blocks(recon, size)[0].mean(axis=(1, 2), dtype=np.float32)
+    cut = plane_tiles(raw, norm, settings)
+    tiles, rows, cols, fov, bone, keep = cut.tiles, cut.rows, cut.cols, cut.fov, cut.bone, cut.keep
     pixels = size * size
-    bone_raw = norm.lo + norm.bone_threshold * (norm.hi - norm.lo)
-    bone = (tiles > bone_raw).reshape(len(tiles), pixels).sum(axis=1) / np.float32(pixels)
-    keep = (fov >= settings.min_fov_fraction) & (bone >= settings.min_bone_fraction)
     kept = tiles[keep]
     chunks, chunk_rows = writer.add_many(kept)
     flat = kept.reshape(len(kept), pixels).astype(np.float32)

@@ -393,17 +393,21 @@ def write_volume(
     dtype: np.dtype | type,
     voxel_size_um: float,
     compression: str | None = None,
+    pixel_size_um: float | None = None,
 ) -> str:
     """Stream ``slices`` into an ImageJ TIFF stack at ``path`` atomically; return its SHA-256.
 
     The voxel size goes into the resolution tags and the ImageJ ``spacing``/``unit`` so
-    the stack opens at scale. ``compression`` (e.g. ``"zlib"``) suits masks; leave image
-    volumes uncompressed so they can be memory-mapped.
+    the stack opens at scale; ``pixel_size_um`` sets an in-plane size other than the slice
+    spacing. ``compression`` (e.g. ``"zlib"``) suits masks; leave image volumes
+    uncompressed so they can be memory-mapped.
     """
     path = Path(path)
     dtype = np.dtype(dtype)
-    if not (math.isfinite(voxel_size_um) and voxel_size_um > 0):
-        raise VolumeError(path, f"voxel size {voxel_size_um} um; it must be positive")
+    pixel = voxel_size_um if pixel_size_um is None else pixel_size_um
+    for size in (voxel_size_um, pixel):
+        if not (math.isfinite(size) and size > 0):
+            raise VolumeError(path, f"voxel size {size} um; it must be positive")
     if dtype not in SUPPORTED_DTYPES:
         raise VolumeError(path, f"dtype {dtype}; supported are uint8, uint16 and float32")
     expected = tuple(int(s) for s in shape[1:])
@@ -429,7 +433,7 @@ def write_volume(
                 checked(),
                 shape=tuple(int(s) for s in shape),
                 dtype=dtype,
-                resolution=(1.0 / voxel_size_um, 1.0 / voxel_size_um),
+                resolution=(1.0 / pixel, 1.0 / pixel),
                 metadata={"spacing": voxel_size_um, "unit": "um", "axes": "ZYX"},
                 compression=compression,
                 software="bonedamage",

@@ -135,6 +135,8 @@ def tiling_info(tile_cfg: dict[str, Any], tissue: str, tile_px: int) -> dict[str
         "planes": list(s.planes),
         "slice_stride": s.slice_stride,
         "percentiles": list(s.percentiles),
+        "min_fov_fraction": s.min_fov_fraction,
+        "min_bone_fraction": s.min_bone_fraction,
         "threshold": THRESHOLD,
     }
 

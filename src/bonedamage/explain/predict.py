@@ -1,0 +1,292 @@
+"""Whole-scan prediction: tile a scan as training did, classify every tile, map the damage.
+
+A registered model carries its tiling (plane, tile size in um and px, working voxel size,
+slice stride, intensity percentiles, field-of-view and bone filters). ``predict_scan``
+streams the scan plane by plane along that plane's normal, normalises it with the scan's
+own robust range (as ``bonedamage tile`` does), cuts the same grid of tiles, and
+classifies them in batches; optionally it computes each tile's Grad-CAM map.
+
+Outputs (in ``out``):
+
+- ``tiles.csv``: one row per classified tile (plane index, origin, scan voxel position,
+  failed probability, label); ``slices.csv``: per plane (tiles, mean and max probability,
+  failed tiles);
+- ``verdict.json``: the scan-level verdict with its rule (failed when the mean tile
+  probability exceeds the model's threshold: the ``mean`` rule of ``evaluate``);
+- ``probability.tif`` and ``cam.tif``: float32 ImageJ stacks, one page per predicted
+  plane (pages along the plane normal, ``slice_stride`` planes apart; in-plane pixels at
+  the working voxel size; NaN where no tile was classified), with the spacing and pixel
+  size in their tags so they open at scale in Fiji and napari;
+- ``orthoviews.png``: the middle page and the two orthogonal sections of the probability
+  stack.
+
+Memory stays bounded whatever the scan's size: planes are read one at a time, tiles are
+classified in batches, and the stacks are built in memory-mapped files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from bonedamage.atomic import atomic_dir
+from bonedamage.data.tilestore import normalize
+from bonedamage.data.tiling import (
+    PLANE_AXIS,
+    TileSettings,
+    TilingError,
+    fit_normalization,
+    plane_reader,
+    plane_tiles,
+    scan_scale,
+)
+from bonedamage.data.volume import VolumeError, open_volume, write_volume
+from bonedamage.explain import gradcam
+from bonedamage.lifecycle.pyfunc import TileClassifier
+
+
+class PredictError(ValueError):
+    """A scan or model ``predict`` cannot use (no voxel size, scan smaller than a tile...)."""
+
+
+def settings_of(tiling: dict[str, Any]) -> TileSettings:
+    """The model's tiling as :class:`TileSettings` (its first plane is the one predicted)."""
+    return TileSettings(
+        tile_um=float(tiling["tile_um"]),
+        working_voxel_um=float(tiling["working_voxel_um"]),
+        planes=tuple(tiling["planes"]),
+        slice_stride=int(tiling["slice_stride"]),
+        percentiles=tuple(tiling["percentiles"]),  # type: ignore[arg-type]
+        min_fov_fraction=float(tiling.get("min_fov_fraction", 0.0)),
+        min_bone_fraction=float(tiling.get("min_bone_fraction", 0.0)),
+    )
+
+
+@dataclass
+class _Plane:
+    index: int
+    cut: Any  # PlaneTiles
+
+
+def _flush(
+    model: TileClassifier,
+    pending: list[_Plane],
+    lo: float,
+    hi: float,
+    cam: bool,
+    batch_size: int,
+) -> list[tuple[_Plane, np.ndarray, np.ndarray | None]]:
+    """Classify (and explain) the kept tiles of the pending planes in one batch."""
+    kept = [p.cut.tiles[p.cut.keep] for p in pending]
+    counts = [len(k) for k in kept]
+    raw = np.concatenate(kept) if sum(counts) else np.empty((0, 0, 0))
+    prob = model.failed_probability(raw, lo, hi) if len(raw) else np.empty(0)
+    maps = None
+    if cam and len(raw):
+        maps = gradcam.compute_cams(model.module, normalize(raw, lo, hi), batch_size=batch_size)
+    out, start = [], 0
+    for plane, n in zip(pending, counts, strict=True):
+        out.append(
+            (plane, prob[start : start + n], None if maps is None else maps[start : start + n])
+        )
+        start += n
+    return out
+
+
+def load_model(uri: str) -> TileClassifier:
+    """A registered or logged bonedamage model; PredictError naming the URI otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    from bonedamage.lifecycle.pyfunc import load_classifier
+
+    try:
+        model = load_classifier(uri)
+    except (MlflowException, OSError) as exc:
+        raise PredictError(f"{uri}: cannot load the model ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(model, TileClassifier):
+        raise PredictError(f"{uri}: not a bonedamage tile classifier")
+    return model
+
+
+def predict_scan(
+    model: TileClassifier,
+    scan: Path,
+    out: Path,
+    *,
+    voxel_size_um: float | None = None,
+    model_uri: str = "",
+    cam: bool = True,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict a whole scan into ``out`` (replaced atomically); return the verdict."""
+    settings = settings_of(model.tiling)
+    plane = settings.planes[0]
+    size = settings.tile_px
+    with open_volume(scan) as vol:
+        voxel = voxel_size_um if voxel_size_um is not None else vol.voxel_size_um
+        if voxel is None:
+            raise PredictError(
+                f"{scan}: no voxel size in the TIFF tags (ImageJ, OME or resolution); "
+                "give it with --voxel-size-um"
+            )
+        if not (np.isfinite(voxel) and voxel > 0):
+            raise PredictError(f"{scan}: voxel size {voxel} um; it must be positive")
+        if vol.shape[0] < 2:
+            raise PredictError(f"{scan}: a single 2D slice; predict needs the whole stack")
+        scale = scan_scale(float(voxel), settings.working_voxel_um)
+        norm = fit_normalization(vol, settings.percentiles, scale, str(scan))
+        count, read = plane_reader(vol, plane)
+        indices = list(range(0, count, settings.slice_stride))
+        page_of = {index: page for page, index in enumerate(indices)}
+        try:
+            first = plane_tiles(read(indices[0]), norm, settings)
+        except TilingError as exc:
+            raise TilingError(
+                f"{scan}: {exc} ({plane} plane at the model's working voxel size "
+                f"{settings.working_voxel_um} um; tile {settings.tile_um} um)"
+            ) from exc
+        page_shape = first.image.shape
+        with atomic_dir(out) as staging, tempfile.TemporaryDirectory(dir=staging) as scratch:
+            shape = (len(indices), *page_shape)
+            prob_vol = np.lib.format.open_memmap(Path(scratch) / "p.npy", "w+", np.float32, shape)
+            cam_vol = np.lib.format.open_memmap(Path(scratch) / "c.npy", "w+", np.float32, shape)
+            prob_vol[:] = np.nan
+            cam_vol[:] = np.nan
+            rows: list[dict[str, Any]] = []
+            pending: list[_Plane] = []
+            bar = tqdm(total=len(indices), desc=f"predict {scan.name}", disable=not progress)
+
+            def emit(results: list[tuple[_Plane, np.ndarray, np.ndarray | None]]) -> None:
+                for p, prob, maps in results:
+                    page = page_of[p.index]
+                    r_all, c_all = p.cut.rows[p.cut.keep], p.cut.cols[p.cut.keep]
+                    for k, (r, c) in enumerate(zip(r_all, c_all, strict=True)):
+                        prob_vol[page, r : r + size, c : c + size] = prob[k]
+                        if maps is not None:
+                            cam_vol[page, r : r + size, c : c + size] = maps[k]
+                        rows.append(_tile_row(plane, p.index, int(r), int(c), scale, prob[k]))
+                    bar.update(1)
+
+            for i in indices:
+                cut = first if i == indices[0] else plane_tiles(read(i), norm, settings)
+                if cut.image.shape != page_shape:
+                    raise VolumeError(scan, f"{plane} plane {i} is {cut.image.shape}")
+                pending.append(_Plane(i, cut))
+                if sum(int(p.cut.keep.sum()) for p in pending) >= batch_size:
+                    emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size))
+                    pending = []
+            if pending:
+                emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size))
+            bar.close()
+            tiles = pd.DataFrame(rows, columns=TILE_COLUMNS)
+            if tiles.empty:
+                raise PredictError(
+                    f"{scan}: no tile passed the field-of-view and bone filters of the model"
+                )
+            tiles["label"] = (tiles["prob_failed"] > model.threshold).astype(int)
+            verdict = _verdict(tiles, model, scan, model_uri, plane, voxel, settings)
+            verdict["n_pages"] = len(indices)
+            _write_tables(staging, tiles, plane, verdict)
+            spacing = settings.slice_stride * settings.working_voxel_um
+            for name, stack in (("probability", prob_vol), ("cam", cam_vol)):
+                if name == "cam" and not cam:
+                    continue
+                write_volume(
+                    staging / f"{name}.tif",
+                    (stack[k] for k in range(len(stack))),
+                    shape,
+                    np.float32,
+                    voxel_size_um=spacing,
+                    pixel_size_um=settings.working_voxel_um,
+                )
+            orthoviews(prob_vol, staging / "orthoviews.png", spacing, settings.working_voxel_um)
+    return verdict
+
+
+TILE_COLUMNS = ["plane", "index", "r", "c", "z", "y", "x", "prob_failed"]
+
+
+def _tile_row(plane: str, index: int, r: int, c: int, scale: float, prob: float) -> dict:
+    r0, c0 = round(r / scale), round(c / scale)
+    z, y, x = {"axial": (index, r0, c0), "coronal": (r0, index, c0), "sagittal": (r0, c0, index)}[
+        plane
+    ]
+    return {"plane": plane, "index": index, "r": r, "c": c, "z": z, "y": y, "x": x,
+            "prob_failed": round(float(prob), 6)}  # fmt: skip
+
+
+def _verdict(
+    tiles: pd.DataFrame,
+    model: TileClassifier,
+    scan: Path,
+    uri: str,
+    plane: str,
+    voxel: float,
+    settings: TileSettings,
+) -> dict[str, Any]:
+    mean = float(tiles["prob_failed"].mean())
+    return {
+        "scan": str(scan),
+        "model": uri,
+        "tissue": model.tiling.get("tissue"),
+        "verdict": "failed" if mean > model.threshold else "pristine",
+        "rule": f"failed when the mean tile probability > {model.threshold}",
+        "mean_prob_failed": round(mean, 6),
+        "failed_tile_share": round(float(tiles["label"].mean()), 6),
+        "n_tiles": len(tiles),
+        "n_planes_with_tiles": int(tiles["index"].nunique()),
+        "plane": plane,
+        "stack_axis": PLANE_AXIS[plane],
+        "voxel_size_um": voxel,
+        "working_voxel_um": settings.working_voxel_um,
+        "tile_um": settings.tile_um,
+        "slice_stride": settings.slice_stride,
+    }
+
+
+def _write_tables(out: Path, tiles: pd.DataFrame, plane: str, verdict: dict) -> None:
+    tiles.to_csv(out / "tiles.csv", index=False)
+    slices = (
+        tiles.groupby("index")
+        .agg(
+            n_tiles=("prob_failed", "size"),
+            mean_prob_failed=("prob_failed", "mean"),
+            max_prob_failed=("prob_failed", "max"),
+            n_failed=("label", "sum"),
+        )
+        .reset_index()
+        .rename(columns={"index": PLANE_AXIS[plane]})
+        .round(6)
+    )
+    slices.to_csv(out / "slices.csv", index=False)
+    (out / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
+
+
+def orthoviews(stack: np.ndarray, path: Path, spacing: float, pixel: float) -> None:
+    """The middle page and the two orthogonal sections of a stack, at their aspect ratio."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n, h, w = stack.shape
+    views = [
+        ("page (in-plane)", stack[n // 2], pixel / pixel),
+        ("rows x pages", stack[:, h // 2, :], spacing / pixel),
+        ("columns x pages", stack[:, :, w // 2], spacing / pixel),
+    ]
+    fig = Figure(figsize=(12, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax, (title, image, aspect) in zip(axes, views, strict=True):
+        shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=1.0, aspect=aspect)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="failed probability")
+    fig.savefig(path, format="png", metadata={"Software": None})
