@@ -304,7 +304,7 @@ def test_select_by_outcome_hand_made() -> None:
     assert sel["tp"].tolist() == [0, 6]  # 0.9, 0.9 (tie by index); 0.6 and 0.5 dropped
     assert sel["fp"].tolist() == [3]
     assert sel["tn"].tolist() == [4, 7]  # lowest probability first, tie by index
-    assert sel["fn"].tolist() == [2]
+    assert sel["fn"].tolist() == [2, 8]  # 0.5 is not above the 0.5 threshold
     assert all(v.dtype == np.int64 for v in sel.values())
     every = gc.select_by_outcome(labels, probs, n_per_group=10, threshold=0.95)
     assert every["tp"].size == 0 and every["fn"].tolist() == [2, 8, 1, 0, 6]

@@ -26,6 +26,7 @@ def test_mlflow_run_of_an_entry_point_works_end_to_end(params, tmp_path: Path) -
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment in this process sets it
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     done = subprocess.run(
         [str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "synth",

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bonedamage.cli import main
@@ -133,7 +134,7 @@ def test_register_creates_three_models_with_challenger_and_version_tags(env) -> 
     assert tissue.tags["architecture"] == "cnn"
     info = mlflow.models.get_model_info(f"models:/t-{TISSUE}@challenger")
     spec = info.signature.inputs.inputs[0]
-    assert spec.shape == (-1, env["tile_px"], env["tile_px"]) and spec.type == np.float32
+    assert spec.shape == (-1, env["tile_px"], env["tile_px"]) and spec.type == np.uint16
     assert {p.name for p in info.signature.params} == {"norm_lo", "norm_hi"}
     assert info.saved_input_example_info is not None
 
@@ -178,7 +179,7 @@ def test_champion_predicts_raw_tiles_with_the_training_normalisation(env) -> Non
     assert (got["label"] == (got["prob_failed"] > 0.5)).all()
     # the generic pyfunc path (what `mlflow models serve` runs) gives the same numbers
     pyfunc = mlflow.pyfunc.load_model(f"models:/t-{TISSUE}-cnn@champion")
-    served = pyfunc.predict(raw.astype(np.float32), params={"norm_lo": lo, "norm_hi": hi})
+    served = pyfunc.predict(raw, params={"norm_lo": lo, "norm_hi": hi})  # uint16, as scanned
     np.testing.assert_allclose(served["prob_failed"], expected, rtol=1e-6)
 
 
@@ -208,6 +209,30 @@ def test_better_challenger_is_promoted_worse_is_refused_and_champion_stays(env) 
     assert "balanced_accuracy -0.1500" in v3.tags["promotion.reason"]
     assert v3.tags["promotion.champion_before"] == "2" == v3.tags["promotion.champion_after"]
     assert v3.tags["promotion.time"].endswith("Z")
+    # promoting again changes nothing and keeps the record of the decision that promoted v2
+    record = MlflowClient().get_model_version(name, "2").tags
+    MlflowClient().set_registered_model_alias(name, registry.CHALLENGER, "2")
+    decision = registry.promote(MlflowClient(), name, CFG)
+    assert not decision.promote and champion(name) == 2
+    again = MlflowClient().get_model_version(name, "2").tags
+    assert again == record and again["promotion.decision"] == "promoted"
+
+
+class FailingStore(MlflowClient):
+    """A tracking server that answers 503 to alias lookups."""
+
+    def get_model_version_by_alias(self, name: str, alias: str):
+        if alias == registry.CHAMPION:
+            raise MlflowException("service unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+        return super().get_model_version_by_alias(name, alias)
+
+
+def test_a_failing_champion_lookup_is_an_error_not_a_first_champion(env) -> None:
+    name = f"t-{TISSUE}-cnn"
+    before = champion(name)
+    with pytest.raises(MlflowException, match="unavailable"):
+        registry.promote(FailingStore(), name, CFG)
+    assert champion(name) == before
 
 
 def test_promote_refuses_a_challenger_from_other_test_data(env, capsys, monkeypatch) -> None:
@@ -223,6 +248,9 @@ def test_promote_refuses_a_challenger_from_other_test_data(env, capsys, monkeypa
     code = main(["promote", "--tissue", TISSUE, "--params", str(params_file)])
     err = capsys.readouterr().err
     assert code == 2 and "different test data" in err and name in err
+    # the pipeline's promote stage records the refusal and goes on
+    code = main(["promote", "--tissue", TISSUE, "--params", str(params_file), "--allow-refusal"])
+    assert code == 0 and "refused" in capsys.readouterr().out
     assert champion(name) == before
     assert client.get_model_version(name, str(latest)).tags["promotion.decision"] == "refused"
 
@@ -267,6 +295,7 @@ def running(cmd: list[str], env: dict[str, str], url: str, log: Path):
 
 def child_env(uri: str) -> dict[str, str]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment in this process sets it
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 

@@ -319,7 +319,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
             f"{d.name}: challenger v{d.challenger} {verdict}; champion "
             f"v{d.champion_before} -> v{d.champion_after} ({d.reason}) {deltas}".rstrip()
         )
-    if errors:
+    if errors and args.allow_refusal:
+        for error in errors:
+            print(f"refused (recorded as version tags; champion unchanged): {error}")
+    elif errors:
         raise PromotionError("; ".join(errors))
     return 0
 
@@ -614,6 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
         "data are refused (exit 2). Every decision is recorded as version tags." + tracked,
     )
     p.add_argument("--tissue", required=True, choices=["cortical", "trabecular"])
+    p.add_argument(
+        "--allow-refusal",
+        action="store_true",
+        help="report a refusal (different test data) and exit 0: the pipeline goes on "
+        "with the champion unchanged",
+    )
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser(

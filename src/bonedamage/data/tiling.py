@@ -461,6 +461,8 @@ def damage_masks(data_root: Path, rows: pd.DataFrame) -> np.ndarray:
     out = np.zeros((len(rows), size, size), dtype=bool)
     at = pd.Series(np.arange(len(rows)), index=rows.index)
     for scan_id, scan_rows in rows.groupby("scan_id", sort=False):
+        if scan_id not in manifest.index:
+            raise TilingError(f"{data_root}: scan {scan_id} of the tiles is not in the manifest")
         entry = manifest.loc[scan_id]
         if not isinstance(entry.mask_path, str) or not entry.mask_path:
             continue

@@ -356,7 +356,7 @@ def select_by_outcome(
 ) -> dict[str, np.ndarray]:
     """Indices of up to ``n_per_group`` tiles per outcome: ``"tp"``, ``"fp"``, ``"tn"``, ``"fn"``.
 
-    Predicted failed: ``probs >= threshold``; ``labels`` 1 = failed. Within a group the
+    Predicted failed: ``probs > threshold``; ``labels`` 1 = failed. Within a group the
     most confident predictions come first (highest ``probs`` for tp/fp, lowest for tn/fn),
     ties by index. int64 arrays, possibly shorter than ``n_per_group`` or empty.
     """
@@ -368,7 +368,7 @@ def select_by_outcome(
         raise ValueError("labels must be 0 (pristine) or 1 (failed)")
     if n_per_group < 0:
         raise ValueError(f"n_per_group must be >= 0, got {n_per_group}")
-    pred = probs >= threshold
+    pred = probs > threshold  # evaluate's and the registered model's rule
     truth = labels == 1
     groups = {"tp": pred & truth, "fp": pred & ~truth, "tn": ~pred & ~truth, "fn": ~pred & truth}
     out = {}

@@ -57,6 +57,7 @@ def export_outcomes(
     labels: np.ndarray,
     prob: np.ndarray,
     cfg: dict[str, Any],
+    layer: str | None,
     out: Path,
 ) -> pd.DataFrame:
     """Overlay grids per outcome, CAM TIFFs and their index; return the index."""
@@ -67,9 +68,7 @@ def export_outcomes(
         if len(chosen) == 0:
             continue
         tiles = store.tiles(positions[chosen])
-        cams = gradcam.compute_cams(
-            model, tiles, cfg["method"], cfg["layer"], int(cfg["batch_size"])
-        )
+        cams = gradcam.compute_cams(model, tiles, cfg["method"], layer, int(cfg["batch_size"]))
         ids = store.index["tile_id"].to_numpy()[positions[chosen]]
         titles = [f"{outcome} p={prob[i]:.2f}" for i in chosen]
         gradcam.overlay_grid(tiles, cams, titles, out / f"{outcome}.png")
@@ -98,6 +97,7 @@ def localization(
     positions: np.ndarray,
     labels: np.ndarray,
     cfg: dict[str, Any],
+    layer: str | None,
 ) -> dict[str, Any]:
     """Localization and faithfulness on failed test tiles with visible damage."""
     frac = store.index["damage_fraction"].to_numpy()[positions]
@@ -107,13 +107,13 @@ def localization(
         return {"n_tiles": 0}
     tiles = store.tiles(chosen)
     masks = damage_masks(data_root, store.index.iloc[chosen])
-    cams = gradcam.compute_cams(model, tiles, cfg["method"], cfg["layer"], int(cfg["batch_size"]))
+    cams = gradcam.compute_cams(model, tiles, cfg["method"], layer, int(cfg["batch_size"]))
     summary = gradcam.localization_summary(cams, masks)
-    k = int(cfg["faithfulness_tiles"])
+    some = evenly_spaced(len(chosen), int(cfg["faithfulness_tiles"]))
     summary["faithfulness_road"] = gradcam.faithfulness(
-        model, tiles[:k], cams[:k], seed=int(cfg["seed"])
+        model, tiles[some], cams[some], seed=int(cfg["seed"])
     )
-    summary["n_faithfulness_tiles"] = min(k, len(chosen))
+    summary["n_faithfulness_tiles"] = len(some)
     summary["mask_area_share"] = float(masks.mean())
     return summary
 
@@ -122,8 +122,11 @@ def _training_run(tissue: str, cand: Candidate) -> str | None:
     """The MLflow run that trained this candidate (latest match), if the store has it."""
     if cand.architecture == "cnn":
         where = "tags.stage = 'train_cnn' and tags.scheme = 'grouped'"
+    elif cand.meta.get("init") in ("imagenet", "pretext", "scratch"):
+        where = f"tags.stage = 'train_resnet' and tags.init = '{cand.meta['init']}'"
     else:
-        where = f"tags.stage = 'train_resnet' and tags.init = '{cand.meta.get('init')}'"
+        return None
+    where += " and attributes.status = 'FINISHED'"
     where += f" and tags.tissue = '{tissue}'"
     runs = mlflow.search_runs(
         filter_string=where, order_by=["attributes.start_time DESC"], max_results=1,
@@ -173,12 +176,19 @@ def run_explain(
         for cand in cands:
             model = build_module(cand.meta, cand.weights)
             prob = gradcam.failed_probability(model, store.tiles(positions))
-            export_outcomes(model, store, positions, labels, prob, cfg, staging / cand.key)
+            layer = layer_for(cfg, cand.architecture)
+            export_outcomes(model, store, positions, labels, prob, cfg, layer, staging / cand.key)
             results[cand.key] = {
                 "method": cfg["method"],
-                **localization(model, store, data_root, positions, labels, cfg),
+                **localization(model, store, data_root, positions, labels, cfg, layer),
             }
+    write_json(out, results)
     for cand in cands:
         _log(tissue, cand, reports / tissue / cand.key, results[cand.key])
-    write_json(out, results)
     return results
+
+
+def layer_for(cfg: dict[str, Any], architecture: str) -> str | None:
+    """The target-layer override of an architecture (``explain.layer``), None for the default."""
+    layer = cfg.get("layer")
+    return layer.get(architecture) if isinstance(layer, dict) else layer

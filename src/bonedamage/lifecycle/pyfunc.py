@@ -12,8 +12,8 @@ raw scan values, shape (n, tile_px, tile_px), and applies the training normalisa
 - without them, ``lo`` / ``hi`` are the tiling percentiles of the request's own tiles, a
   good estimate when the request carries many tiles of one scan.
 
-Inputs travel as float32 (uint8 and uint16 values are exact in float32, so a scan's own
-dtype converts without loss; :meth:`TileClassifier.classify` takes any of them in-process).
+The signature declares the dtype of the training scans' tiles (uint16 for the default
+phantoms); :meth:`TileClassifier.classify` takes uint8, uint16 or float32 tiles in-process.
 The output has one row per tile: ``prob_failed``, ``label`` (1 = failed) and ``class``.
 
 The model is logged as *code* (:data:`MODEL_CODE`, ``mlflow.models.set_model``), not as a
@@ -30,6 +30,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from bonedamage.data.tilestore import normalize
 from bonedamage.learn.models import build_cnn, build_resnet, load_state_dict_file
@@ -41,8 +43,15 @@ CLASSES = ("pristine", "failed")
 BATCH = 256
 
 
-class RequestError(ValueError):
-    """A request the model cannot answer (wrong shape, non-finite values, bad range)."""
+class RequestError(MlflowException, ValueError):
+    """A request the model cannot answer (wrong shape, non-finite values, bad range).
+
+    An MlflowException with INVALID_PARAMETER_VALUE, so ``mlflow models serve`` answers it
+    as a 400 with this message rather than as an internal error.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def build_module(meta: dict[str, Any], weights: Path) -> torch.nn.Module:

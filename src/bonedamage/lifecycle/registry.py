@@ -141,10 +141,10 @@ def tiling_info(tile_cfg: dict[str, Any], tissue: str, tile_px: int) -> dict[str
     }
 
 
-def signature(tile_px: int) -> ModelSignature:
-    """Raw tiles in (float32, exact for uint8/uint16 scans), one row per tile out."""
+def signature(tile_px: int, dtype: np.dtype) -> ModelSignature:
+    """Raw tiles in, in the training scans' dtype; one row per tile out."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, tile_px, tile_px))]),
+        inputs=Schema([TensorSpec(np.dtype(dtype), (-1, tile_px, tile_px))]),
         outputs=Schema(
             [
                 ColSpec(DataType.double, "prob_failed"),
@@ -164,12 +164,9 @@ def _requirements() -> list[str]:
 
 def _version_with(client: MlflowClient, name: str, md5: str, test_set: str) -> Any:
     """An existing version of ``name`` with these weights and test set, else None."""
-    try:
-        found = client.search_model_versions(
-            f"name = '{name}' and tags.`model.md5` = '{md5}' and tags.test_set = '{test_set}'"
-        )
-    except MlflowException:
-        return None
+    found = client.search_model_versions(
+        f"name = '{name}' and tags.`model.md5` = '{md5}' and tags.test_set = '{test_set}'"
+    )
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -185,12 +182,16 @@ def _log_model(cand: Candidate, tiling: dict[str, Any], example: tuple, tags: di
                 python_model=str(MODEL_CODE),
                 artifacts={"weights": str(cand.weights), "meta": str(meta), "tiling": str(tile)},
                 code_paths=[str(Path(__file__).parents[1])],
-                signature=signature(int(tiling["tile_px"])),
+                signature=signature(int(tiling["tile_px"]), example[0].dtype),
                 input_example=example,
                 pip_requirements=_requirements(),
             )
             mlflow.log_metrics(
-                {f"test_{k}": float(v) for k, v in cand.metrics.items() if k in METRICS}
+                {
+                    f"test_{k}": float(v)
+                    for k, v in cand.metrics.items()
+                    if k in METRICS and v is not None
+                }
             )
     return info.model_uri
 
@@ -328,7 +329,7 @@ def decide(
     ch_version_champ, champ_tags = champion
     if ch_version_champ == ch_version:
         return Decision(name, ch_version, before, False, "already champion", {})
-    if ch_tags.get("test_set") != champ_tags.get("test_set"):
+    if not ch_tags.get("test_set") or ch_tags.get("test_set") != champ_tags.get("test_set"):
         raise PromotionError(
             f"{who} was evaluated on test set {ch_tags.get('test_set')} but champion version "
             f"{before} on {champ_tags.get('test_set')}: different test data, not comparable. "
@@ -353,12 +354,33 @@ def decide(
     return Decision(name, ch_version, before, True, "at least as good as the champion", deltas)
 
 
+def _not_found(exc: MlflowException) -> bool:
+    """The store says the model or alias does not exist (not: the store failed)."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in exc.message
+    )
+
+
 def _alias(client: MlflowClient, name: str, alias: str) -> tuple[int, dict[str, str]] | None:
+    """(version, tags) behind ``alias``; None only when there is no such alias or model.
+
+    Any other error (a tracking server down, a timeout) propagates: treating it as "no
+    champion" would promote a challenger without comparing it.
+    """
     try:
         v = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
     return int(v.version), dict(v.tags)
+
+
+def _clear_promotion_tags(client: MlflowClient, name: str, version: str) -> None:
+    """Drop an earlier decision's tags so the version shows one consistent record."""
+    for key in client.get_model_version(name, version).tags:
+        if key.startswith("promotion."):
+            client.delete_model_version_tag(name, version, key)
 
 
 def promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
@@ -376,12 +398,16 @@ def promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
     try:
         decision = decide(name, challenger, _alias(client, name, CHAMPION), cfg)
     except PromotionError as exc:
+        _clear_promotion_tags(client, name, version)
         refused = {**stamp, "promotion.decision": "refused", "promotion.reason": str(exc)}
         for k, v in refused.items():
             client.set_model_version_tag(name, version, k, v[:4000])
         raise
+    if decision.champion_before == decision.challenger:
+        return decision  # nothing to decide: keep the record of the decision that made it
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
+    _clear_promotion_tags(client, name, version)
     tags = {
         **stamp,
         "promotion.decision": "promoted" if decision.promote else "kept",
@@ -420,7 +446,7 @@ def run_register(
     tiling = tiling_info(params["tile"], tissue, int(cands[0].meta["tile_px"]))
     first = int(split_rows(store, table, tissue, "grouped", "test")[0][0])
     lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[first]
-    example = (store.raw(first)[None].astype(np.float32), {"norm_lo": lo, "norm_hi": hi})
+    example = (store.raw(first)[None], {"norm_lo": float(lo), "norm_hi": float(hi)})
     done = register_tissue(MlflowClient(), cands, tiling, test_set, example)
     write_text_atomic(
         out, json.dumps(registry_record(cands, tiling, test_set), indent=2, sort_keys=True) + "\n"
