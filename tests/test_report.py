@@ -13,8 +13,9 @@ import pytest
 import tifffile
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.explain import report
+from bonedamage.explain import gradcam, report
 from bonedamage.lifecycle import tracking
+from bonedamage.lifecycle.pyfunc import build_module
 from conftest import tiny_metrics, write_tiny_models
 
 TISSUE = "trabecular"
@@ -68,6 +69,14 @@ def test_cam_files_are_aligned_with_their_tiles(explained) -> None:
             assert cam.min() >= 0.0 and cam.max() <= 1.0
             assert (folder / row.overlay).is_file()
             assert row.label == int(store.index["label"].iloc[ids.index(row.tile_id)])
+    # the file holds the map of its own tile: recompute one and compare
+    folder = explained["tmp"] / "a" / TISSUE / "cnn"
+    row = pd.read_csv(folder / "index.csv").iloc[-1]
+    meta = json.loads((explained["tmp"] / "models" / "cnn.json").read_text())
+    model = build_module(meta, explained["tmp"] / "models" / "cnn.pt")
+    tile = store.tile(ids.index(row.tile_id))[None]
+    expected = gradcam.compute_cams(model, tile)[0]
+    np.testing.assert_allclose(tifffile.imread(folder / row.cam_file), expected, atol=1e-6)
 
 
 def test_explain_is_deterministic_and_tracked(explained) -> None:
