@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bonedamage.config import load_params
 from bonedamage.data.synth.generate import generate_dataset
@@ -115,3 +118,77 @@ def learn_data(
     index = tile_dataset(root / "raw", root / "tiles", learn_params["tile"], progress=False)
     make_splits(index, learn_params["split"]).to_parquet(root / "splits.parquet", index=False)
     return root / "tiles", root / "splits.parquet"
+
+
+def save_tiny_pyfunc(out: Path, params: dict[str, Any], weights: Path | None = None) -> Path:
+    """A trabecular tiny-CNN pyfunc saved to ``out/model`` as registration logs it (model
+    from code, weights + sidecars as artifacts, uint16 signature), without a tracking store.
+    ``weights`` replaces the CNN's state dict (e.g. a bad file); return the model folder."""
+    import json
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    from bonedamage.learn.final import save_model
+    from bonedamage.learn.models import build_cnn
+    from bonedamage.lifecycle.pyfunc import MODEL_CODE
+    from bonedamage.lifecycle.registry import signature, tiling_info
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    meta = {"kind": "cnn", "arch": TINY_ARCH, "tissue": "trabecular", "tile_px": 16}
+    save_model(out / "cnn.pt", build_cnn(TINY_ARCH), meta)
+    tile_cfg = dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0})
+    (out / "tiling.json").write_text(json.dumps(tiling_info(tile_cfg, "trabecular", 16)))
+    artifacts = {
+        "weights": str(weights or out / "cnn.pt"),
+        "meta": str(out / "cnn.json"),
+        "tiling": str(out / "tiling.json"),
+    }
+    with warnings.catch_warnings():  # no input example: saving would load (bad) weights
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.pyfunc.save_model(
+            str(out / "model"),
+            python_model=str(MODEL_CODE),
+            artifacts=artifacts,
+            signature=signature(16, np.dtype(np.uint16)),
+            pip_requirements=[],
+        )
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def _scratch_store_params(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Path:
+    tmp = tmp_path_factory.mktemp("cli-store")
+    mlflow_cfg = {"db": str(tmp / "mlflow.db"), "artifacts": str(tmp / "art"), "experiment": "x"}
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(dict(params, mlflow=mlflow_cfg)))
+    return path
+
+
+@pytest.fixture
+def cli_params(_scratch_store_params: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """params.yaml whose MLflow store is a scratch SQLite file, for tracked CLI commands.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which the next
+    ``tracking.configure`` honours: the URI, that variable and the active experiment are
+    put back after the test, so no later test writes to this store (or the repo's).
+    """
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    uri_before = utils._tracking_uri
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # configure() would prefer it to params
+    try:
+        yield _scratch_store_params
+    finally:
+        mlflow.set_tracking_uri(uri_before)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -204,3 +204,105 @@ def test_tile_split_validate_and_a_leaking_split_fails(
     assert "grouped_specimens" in text and "n_splits" in text
     assert json.loads(out["summary"].read_text())["success"] is False
     assert (out["docs"] / "index.html").is_file()  # docs published for the failing run too
+
+
+def test_every_user_error_class_exists() -> None:
+    """_USER_ERRORS names real exception classes (a typo would let one escape as a crash)."""
+    import importlib
+
+    from bonedamage.cli import _USER_ERRORS, _user_errors
+
+    for module, name in _USER_ERRORS:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Exception) and cls.__name__ == name
+    assert len(_user_errors()) == len(_USER_ERRORS)  # all loaded now: all reported
+
+
+# -- `bonedamage ingest` on bad input: exit 2, the file/field and the problem, nothing written --
+def _ingest_case(case: str, tmp: Path) -> tuple[list[str], list[str]]:
+    """(arguments after `ingest`, fragments the error must hold) for one bad input."""
+    fields = ["--specimen-id", "S2", "--tissue", "cortical", "--state", "failed"]
+    vol = np.random.default_rng(0).integers(0, 60000, (4, 12, 16)).astype(np.uint16)
+    good = tmp / "good.tif"
+    tifffile.imwrite(good, vol, photometric="minisblack")
+    if case == "rgb":
+        tifffile.imwrite(tmp / "rgb.tif", np.repeat(vol[..., None] // 256, 3, -1).astype(np.uint8),
+                         photometric="rgb")  # fmt: skip
+        return [str(tmp / "rgb.tif"), *fields, "--voxel-size-um", "2"], ["rgb.tif", "RGB"]
+    if case == "nan":
+        bad = vol.astype(np.float32)
+        bad[2, 5, 5] = np.nan
+        tifffile.imwrite(tmp / "nan.tif", bad, photometric="minisblack")
+        args = [str(tmp / "nan.tif"), *fields, "--voxel-size-um", "2"]
+        return args, ["nan.tif", "slice 2", "NaN"]
+    if case == "voxel-size-zero":
+        return [str(good), *fields, "--voxel-size-um", "0"], ["voxel_size_um 0.0 is invalid"]
+    if case == "mixed-slice-shapes":
+        folder = tmp / "slices"
+        folder.mkdir()
+        for z in range(4):
+            tifffile.imwrite(folder / f"s{z}.tif", vol[z] if z != 2 else vol[z, :, :-1])
+        args = [str(folder), *fields, "--voxel-size-um", "2"]
+        return args, ["slices", "s2.tif", "(12, 15)", "must match"]
+    batch = tmp / "batch.csv"
+    header = "specimen_id,tissue,state,path,voxel_size_um\n"
+    if case == "batch-path-outside":
+        batch.write_text(header + "S2,cortical,failed,../outside.tif,2\n")
+        return ["--batch", str(batch)], ["batch.csv", "row 1", "'../outside.tif'", "escapes"]
+    if case == "batch-duplicate-ids":
+        batch.write_text(header + "S2,cortical,failed,good.tif,2\nS2,cortical,failed,good.tif,2\n")
+        return ["--batch", str(batch)], ["batch.csv", "row 2", "'S2-failed'", "twice"]
+    if case == "batch-empty":
+        batch.write_text(header)
+        return ["--batch", str(batch)], ["batch.csv", "no scans listed"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rgb",
+        "nan",
+        "voxel-size-zero",
+        "mixed-slice-shapes",
+        "batch-path-outside",
+        "batch-duplicate-ids",
+        "batch-empty",
+    ],
+)
+def test_ingest_command_refuses_bad_input(case: str, tmp_path: Path, params: dict, capsys) -> None:
+    from bonedamage.data.ingest import IngestRequest, ingest_scans
+
+    root = tmp_path / "raw"
+    first = tmp_path / "first.tif"
+    tifffile.imwrite(first, np.ones((3, 8, 8), np.uint8), photometric="minisblack")
+    ingest_scans([IngestRequest(first, "S1", "cortical", "pristine", 2.0)], root, progress=False)
+    before = {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    args, fragments = _ingest_case(case, tmp_path)
+    p = write_params(tmp_path, params, root)
+    assert main(["ingest", *args, "--params", str(p), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    after = {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert after == before and sorted(root.rglob(".*")) == []
+
+
+def test_unknown_tissue_on_the_command_line_exits_2(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", str(tmp_path / "x.tif"), "--specimen-id", "S1", "--tissue", "bone",
+              "--state", "failed"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tissue: invalid choice: 'bone'" in err and "cortical" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_predict_batch_size_must_be_a_positive_integer(value: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "scan.tif", "--model", "models:/m@champion", "--out",
+              str(tmp_path / "out"), "--batch-size", value])  # fmt: skip
+    assert exc.value.code == 2
+    assert "argument --batch-size:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -382,3 +382,144 @@ def test_register_and_promote_against_a_tracking_server(env, tmp_path, monkeypat
         raw, lo, hi = raw_test_tiles(env)
         assert len(model.classify(raw, lo, hi)) == len(raw)
     mlflow.set_tracking_uri(env["uri"])
+
+
+def test_promote_before_register_exits_2_naming_the_models(cli_params: Path, capsys) -> None:
+    """An empty registry: no challenger to promote is an error, and nothing is created."""
+    code = main(["promote", "--tissue", "trabecular", "--params", str(cli_params)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:"), err
+    for name in registry.model_names("bonedamage", "trabecular"):
+        assert f"{name} has no 'challenger' version: run `bonedamage register`" in err
+    assert MlflowClient().search_registered_models() == []
+
+
+# -- concurrent promotions ---------------------------------------------------------------
+PROMOTER = """
+import json, sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+from bonedamage.lifecycle import registry
+a = json.loads(sys.argv[1])
+client, gate, done = MlflowClient(a["uri"]), Path(a["gate"]), []
+for r, name in enumerate(a["names"]):
+    (gate / f"{r}.{a['me']}").touch()  # a barrier per round: both start together
+    deadline = time.monotonic() + 60
+    while not (gate / f"{r}.{1 - a['me']}").exists():
+        if time.monotonic() > deadline:
+            sys.exit("the other promoter never arrived")
+        time.sleep(0.001)
+    try:  # an error is reported, and the next round still meets the other process
+        client.set_registered_model_alias(name, registry.CHALLENGER, str(a["version"]))
+        d = registry.promote(client, name, a["cfg"])
+        done.append([name, d.challenger, d.promote, None])
+    except Exception as exc:
+        done.append([name, None, False, repr(exc)[:2000]])
+print(json.dumps(done))
+"""
+
+
+def metric_pair(tags: dict[str, str]) -> tuple[float, float]:
+    return float(tags["metric.balanced_accuracy"]), float(tags["metric.roc_auc"])
+
+
+def at_least_as_good(a: dict[str, str], b: dict[str, str]) -> bool:
+    """``a``'s metrics do not drop below ``b``'s beyond the promotion tolerance."""
+    tol = CFG["tolerance"]
+    (a_ba, a_auc), (b_ba, b_auc) = metric_pair(a), metric_pair(b)
+    return a_ba >= b_ba - tol["balanced_accuracy"] - 1e-9 and a_auc >= b_auc - tol["roc_auc"] - 1e-9
+
+
+@pytest.fixture(scope="module")
+def scratch_registry(tmp_path_factory) -> str:
+    """An empty SQLite registry of its own (the module's global store serves other tests)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('race') / 'race.db'}"
+    MlflowClient(uri).search_registered_models()  # creates the schema
+    return uri
+
+
+def scratch_model(client: MlflowClient, name: str, *versions: dict[str, str]) -> None:
+    """``name`` with these versions (tags only: promote reads nothing else), v1 champion."""
+    client.create_registered_model(name)
+    for t in versions:
+        client.create_model_version(name, "file:///nowhere", tags=t)
+    client.set_registered_model_alias(name, registry.CHAMPION, "1")
+    client.set_registered_model_alias(name, registry.CHALLENGER, "1")
+
+
+def test_two_promotions_at_once_never_lose_the_champion_or_a_better_one(
+    scratch_registry, tmp_path
+) -> None:
+    """Two OS processes register (point @challenger at) and promote at the same moment
+    against one SQLite registry, round after round: v1 is champion, one process brings a
+    better v2, the other a worse v3 (even rounds: within tolerance of v1 but not of v2, so
+    a promotion that compares it with a stale champion would demote v2; odd rounds: worse
+    than v1 beyond tolerance). Whatever the interleaving, the model keeps a champion, it is
+    no worse than v1 nor than any version a process reported promoted, and the store reads.
+    """
+    uri, client = scratch_registry, MlflowClient(scratch_registry)
+    v1, v2 = tags(0.80, 0.90, "same"), tags(0.85, 0.93, "same")
+    worse = [tags(0.797, 0.895, "same"), tags(0.70, 0.93, "same")]
+    names = [f"race-{r}" for r in range(12)]
+    for r, name in enumerate(names):
+        scratch_model(client, name, v1, v2, worse[r % 2])
+    (tmp_path / "gate").mkdir()
+    procs = []
+    for me, version in ((0, 2), (1, 3)):
+        args = {"uri": uri, "gate": str(tmp_path / "gate"), "me": me, "version": version}
+        cmd = [sys.executable, "-c", PROMOTER, json.dumps({**args, "names": names, "cfg": CFG})]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        procs.append(subprocess.Popen(cmd, env=child_env(uri), **pipes))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "database is locked" not in err and "IntegrityError" not in err, err[-3000:]
+    rounds = [row for out, _ in outs for row in json.loads(out)]
+    assert len(rounds) == 2 * len(names)
+    assert [row for row in rounds if row[3]] == []  # no promotion failed
+    promoted = {(n, v) for n, v, ok, _ in rounds if ok}
+    fresh = MlflowClient(uri)
+    for name in names:
+        versions = {
+            int(v.version): dict(v.tags) for v in fresh.search_model_versions(f"name = '{name}'")
+        }
+        assert sorted(versions) == [1, 2, 3]
+        champ = int(fresh.get_model_version_by_alias(name, registry.CHAMPION).version)
+        best = versions[champ]
+        assert at_least_as_good(best, v1), (name, champ)
+        for n, v in promoted:
+            if n == name:  # a version once promoted is never replaced by a worse one
+                assert at_least_as_good(best, versions[v]), (name, champ, v)
+        if champ != 1:
+            assert best["promotion.decision"] == "promoted", (name, best)
+            assert best["promotion.champion_after"] == str(champ)
+        for v, t in versions.items():  # every decision left one complete record
+            if "promotion.decision" in t:
+                assert {"promotion.time", "promotion.reason"} <= set(t), (name, v, t)
+
+
+class MovingChampion(MlflowClient):
+    """A registry where another promotion moves @champion to v2 right after it is read."""
+
+    moved = False
+
+    def get_model_version_by_alias(self, name: str, alias: str):
+        found = super().get_model_version_by_alias(name, alias)
+        if alias == registry.CHAMPION and not self.moved:
+            self.moved = True
+            self.set_registered_model_alias(name, registry.CHAMPION, "2")
+        return found
+
+
+def test_promote_compares_with_the_champion_of_the_moment_it_moves_the_alias(
+    scratch_registry,
+) -> None:
+    """A tracking server has no lock: the champion is read again before the alias moves."""
+    client = MovingChampion(scratch_registry)
+    v3 = tags(0.797, 0.895, "same")  # as good as v1 within tolerance, not as good as v2
+    scratch_model(client, "moving", tags(0.80, 0.90, "same"), tags(0.85, 0.93, "same"), v3)
+    client.set_registered_model_alias("moving", registry.CHALLENGER, "3")
+    decision = registry.promote(client, "moving", CFG)
+    assert client.moved and not decision.promote
+    assert decision.champion_before == 2 and "worse" in decision.reason
+    assert int(client.get_model_version_by_alias("moving", registry.CHAMPION).version) == 2

@@ -225,3 +225,84 @@ def test_real_stack_is_resampled_and_tiled(params: dict, tmp_path: Path) -> None
     # 200 px at 19.5 um is 195 px at 20 um: a 3 x 3 grid of 64 px tiles per plane
     assert index.groupby("z").size().max() == 9
     assert pd.read_parquet(tmp_path / "tiles" / INDEX_NAME).equals(index)
+
+
+# -- `bonedamage tile` on bad input: exit 2, the scan/setting and the problem, OUT untouched --
+def _tiny_root(tmp_path: Path) -> Path:
+    """A data root with one ingested 8 x 48 x 48 cortical scan (1.6 um voxels)."""
+    import tifffile
+
+    vol = np.random.default_rng(0).integers(1000, 50000, (8, 48, 48)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "scan.tif", vol, photometric="minisblack")
+    root = tmp_path / "raw"
+    request = IngestRequest(tmp_path / "scan.tif", "C1", "cortical", "pristine", voxel_size_um=1.6)
+    ingest_scans([request], root, progress=False)
+    return root
+
+
+def _edit_manifest(root: Path, column: str, value: str) -> None:
+    manifest = root / "manifest.csv"
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table[column] = value
+    table.to_csv(manifest, index=False)
+
+
+def _bad_tile_input(case: str, root: Path, tile: dict) -> list[str]:
+    """Break the data root or the settings; return what the error must say."""
+    scan = root / "cortical" / "C1-pristine.tif"
+    if case == "tile-larger-than-scan":
+        tile["tile_um"] = {"cortical": 999.0, "trabecular": 320.0}
+        return ["scan C1-pristine", str(scan), "624 px", "tile.tile_um cortical: 999 um",
+                "larger than its 48x48 px axial planes"]  # fmt: skip
+    if case == "empty-manifest":
+        write_manifest(read_manifest(root).iloc[:0], root)
+        return [str(root), "no scans to tile"]
+    if case == "path-outside-data-root":
+        _edit_manifest(root, "path", "../scan.tif")
+        return ["manifest.csv", "scan C1-pristine: path", "'../scan.tif'", "escapes the data root"]
+    if case == "unknown-tissue":
+        _edit_manifest(root, "tissue", "femur")
+        return ["manifest.csv", "unknown tissue", "femur"]
+    if case == "truncated-scan":
+        scan.write_bytes(scan.read_bytes()[:5000])
+        return [str(scan), "truncated"]
+    if case == "slice-stride-zero":
+        tile["slice_stride"] = 0
+        return ["tile.slice_stride=0", "must be >= 1"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tile-larger-than-scan",
+        "empty-manifest",
+        "path-outside-data-root",
+        "unknown-tissue",
+        "truncated-scan",
+        "slice-stride-zero",
+    ],
+)
+def test_tile_command_refuses_bad_input_and_keeps_the_old_tiles(
+    case: str, params: dict, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    from bonedamage.cli import main
+
+    root = _tiny_root(tmp_path)
+    tile = dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0})
+    fragments = _bad_tile_input(case, root, tile)
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(dict(params, data={"root": str(root)}, tile=tile)))
+    out = tmp_path / "tiles"
+    out.mkdir()
+    (out / INDEX_NAME).write_bytes(b"the tiles of the last good run")
+    before = digest(out)
+    code = main(["tile", "--params", str(pfile), "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert digest(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
+from bonedamage.data.tilestore import TileStore
 from bonedamage.lifecycle import runs, tracking
-from conftest import REPO
+from conftest import REPO, tiny_metrics, write_tiny_models
 
 
 @pytest.fixture
@@ -56,3 +66,71 @@ def test_search_is_a_parent_run_with_one_nested_run_per_trial(
         run_id=parents[0].info.run_id, artifact_path="plots"
     )
     assert any(a.path.endswith("optimization_history.png") for a in artifacts)
+
+
+# -- a tracking server that does not answer ---------------------------------------------
+def closed_port() -> int:
+    """A local port nobody listens on (bound, then released): connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_probe_passes_any_answer_and_fails_fast_on_none() -> None:
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:  # e.g. a proxy without /health: it answered, so MLflow can take it from here
+        tracking.check_reachable(f"http://127.0.0.1:{server.server_port}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    tracking.check_reachable("sqlite:///nowhere/at/all.db")  # not a server: nothing to probe
+    url = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=f"{url} does not answer"):
+        tracking.check_reachable(url)
+    assert time.monotonic() - start < 10
+    with pytest.raises(tracking.TrackingError) as failed:  # a password is not repeated
+        tracking.check_reachable(url.replace("//", "//me:secret@"))
+    assert url in str(failed.value) and "secret" not in str(failed.value)
+
+
+def test_an_unreachable_tracking_server_stops_register_at_once_writing_nothing(
+    learn_data, learn_params, tmp_path
+) -> None:
+    """`bonedamage register` with MLFLOW_TRACKING_URI on a closed port: exit 2 in seconds
+    with an error naming the URI, no traceback, and no registry record (its DVC output).
+    Unprobed, MLflow's client retries the dead server for minutes before it fails."""
+    params = copy.deepcopy(learn_params)
+    params["registry"] = {**params["registry"], "prefix": "t"}
+    params["resnet"]["inits"] = ["scratch"]
+    params["mlflow"] = {"db": str(tmp_path / "unused.db"), "artifacts": "a", "experiment": "e"}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    models = tmp_path / "models"
+    tile_px = int(TileStore(learn_data[0]).index["tile_px"].iloc[0])
+    write_tiny_models(models / "cortical", "cortical", seed=1, tile_px=tile_px)
+    (tmp_path / "metrics.json").write_text(json.dumps(tiny_metrics(0.8, 0.9)))
+    url = f"http://127.0.0.1:{closed_port()}"
+    out = tmp_path / "registry" / "cortical.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=url)
+    cmd = [str(Path(sys.executable).with_name("bonedamage")), "register", "--tissue", "cortical",
+           "--params", str(tmp_path / "params.yaml"), "--tiles", str(learn_data[0]),
+           "--splits", str(learn_data[1]), "--models", str(models),
+           "--metrics", str(tmp_path / "metrics.json"), "--out", str(out)]  # fmt: skip
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith(f"error: MLflow tracking server {url} does not answer")
+    assert "Traceback" not in done.stderr
+    assert elapsed < 20, f"took {elapsed:.0f} s"
+    assert not out.exists() and not out.parent.exists()
+    assert not (tmp_path / "unused.db").exists() and not (tmp_path / "a").exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,11 +51,35 @@ def test_actionlint_rejects_a_broken_workflow(tmp_path: Path) -> None:
 def test_ci_run_and_the_workflow_run_the_same_commands() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     workflow = WORKFLOW.read_text()
-    for command in (
+    commands = (
         "scripts/run-tests.sh",
+        "scripts/ci-pipeline.sh data",
+        "scripts/ci-pipeline.sh learn",
+        "scripts/ci-pipeline.sh explain",
         "scripts/run-pipeline.sh",
-        "BONEDAMAGE_REPRO_ARGS",
         "bonedamage gate --rev HEAD",
         "metrics registry dvc.lock data.dvc",
-    ):
-        assert command in ci and command in workflow, command
+    )
+    for text in (ci, workflow):
+        at = [text.find(command) for command in commands]
+        assert -1 not in at, [c for c, i in zip(commands, at, strict=True) if i == -1]
+        scripts = at[:5]  # .ci/run defines the gate's commands above its steps
+        assert scripts == sorted(scripts), "the pipeline steps run in another order"
+
+
+def test_ci_phases_force_every_stage_of_the_pipeline_once_in_order() -> None:
+    """The three phases of scripts/ci-pipeline.sh are dvc.yaml's stages, in order."""
+    script = (REPO / "scripts" / "ci-pipeline.sh").read_text()
+    patterns = [
+        p
+        for block in re.findall(r"stages=\(([^)]*)\)", script)
+        for p in block.replace("'", "").split()
+    ]
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "stage", "list", "--name-only"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    ).stdout.split()  # fmt: skip
+    expanded = [name for p in patterns for name in listed if fnmatch.fnmatchcase(name, p)]
+    assert expanded == listed
+    assert "--force --single-item --glob" in script

@@ -14,34 +14,44 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bonedamage import __version__
-from bonedamage.config import ConfigError, load_params, section
+from bonedamage.config import load_params, section
+
+# Known failures: exit 2 with "error: <message>". Listed by module so that reporting one
+# imports nothing: an exception can only have been raised if its module is loaded already
+# (importing torch and MLflow to build this tuple took seconds on every failed `ingest`).
+_USER_ERRORS = (
+    ("bonedamage.config", "ConfigError"),
+    ("bonedamage.lifecycle.gate", "GateError"),
+    ("bonedamage.data.ingest", "IngestError"),
+    ("bonedamage.data.manifest", "ManifestError"),
+    ("bonedamage.explain.predict", "PredictError"),
+    ("bonedamage.lifecycle.registry", "PromotionError"),
+    ("bonedamage.lifecycle.pyfunc", "RequestError"),
+    ("bonedamage.data.splits", "SplitError"),
+    ("bonedamage.data.synth.generate", "SynthError"),
+    ("bonedamage.data.tiling", "TilingError"),
+    ("bonedamage.lifecycle.tracking", "TrackingError"),
+    ("bonedamage.data.volume", "VolumeError"),
+    ("bonedamage.learn.models", "WeightsError"),
+)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from bonedamage.data.ingest import IngestError
-    from bonedamage.data.manifest import ManifestError
-    from bonedamage.data.splits import SplitError
-    from bonedamage.data.synth.generate import SynthError
-    from bonedamage.data.tiling import TilingError
-    from bonedamage.data.volume import VolumeError
-    from bonedamage.explain.predict import PredictError
-    from bonedamage.lifecycle.gate import GateError
-    from bonedamage.lifecycle.pyfunc import RequestError
-    from bonedamage.lifecycle.registry import PromotionError
-
-    return (
-        ConfigError,
-        GateError,
-        IngestError,
-        ManifestError,
-        PredictError,
-        PromotionError,
-        RequestError,
-        SplitError,
-        SynthError,
-        TilingError,
-        VolumeError,
+    """The user-error classes of the modules loaded so far (see ``_USER_ERRORS``)."""
+    return tuple(
+        getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules
     )
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _data_root(args: argparse.Namespace, params: dict) -> Path:
@@ -357,9 +367,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict a whole scan with a registered model: tile table, verdict, 3D damage maps."""
     from bonedamage.explain.predict import load_model, predict_scan
+    from bonedamage.explain.report import layer_for
 
-    _tracked(args)
+    params = _tracked(args)
     model = load_model(args.model)
+    layer = args.cam_layer or layer_for(params.get("explain", {}), model.meta["kind"])
     verdict = predict_scan(
         model,
         Path(args.scan),
@@ -367,6 +379,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         voxel_size_um=args.voxel_size_um,
         model_uri=args.model,
         cam=not args.no_cam,
+        cam_layer=layer,
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
@@ -665,7 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--voxel-size-um", type=float, help="voxel size (default: from the TIFF tags)")
     p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM volume (faster)")
-    p.add_argument("--batch-size", type=int, default=256, help="tiles per batch (default: 256)")
+    p.add_argument(
+        "--cam-layer",
+        help="Grad-CAM target layer, a module name (default: params.yaml explain.layer for "
+        "the model's kind, cnn or resnet; the last conv block when that is null)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=256, help="tiles per batch (default: 256)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

@@ -143,8 +143,11 @@ def fit_normalization(
             for p in planes
         ]
     ).astype(np.float64)
-    if values.size == 0 or not np.isfinite(values).all():
-        raise TilingError(f"{source}: no finite reconstructed voxels to normalise")
+    if values.size == 0:
+        raise TilingError(f"{source}: no reconstructed voxels to normalise")
+    if not np.isfinite(values).all():
+        kind = "NaN" if np.isnan(values).any() else "infinite"
+        raise TilingError(f"{source}: contains {kind} values; scans must be finite")
     lo, hi = np.percentile(values, percentiles)
     if not hi > lo:
         raise TilingError(f"{source}: constant intensity ({lo}); nothing to tile")
@@ -241,6 +244,24 @@ class TileSettings:
         )
 
 
+def _check_tile_fits(
+    shape_zyx: tuple[int, ...], scale: float, settings: TileSettings, row: Any, path: Path
+) -> None:
+    """Refuse a tile larger than the scan's planes, naming the scan and the tile setting."""
+    size = settings.tile_px
+    axes = {"axial": (1, 2), "coronal": (0, 2), "sagittal": (0, 1)}
+    for plane in settings.planes:
+        h, w = (int(round(shape_zyx[a] * scale)) for a in axes[plane])  # as ndimage.zoom
+        if size > min(h, w):
+            raise TilingError(
+                f"scan {row.scan_id} ({path}): a tile of {size} px (tile.tile_um "
+                f"{row.tissue}: {settings.tile_um:g} um at working_voxel_um "
+                f"{settings.working_voxel_um:g} um) is larger than its {h}x{w} px {plane} "
+                f"planes; lower tile.tile_um or check the scan's voxel_size_um "
+                f"({row.voxel_size_um:g} um)"
+            )
+
+
 def tile_scan(
     row: Any, data_root: Path, settings: TileSettings, out_dir: Path, chunk_tiles: int
 ) -> tuple[pd.DataFrame, Normalization]:
@@ -254,6 +275,7 @@ def tile_scan(
     size = settings.tile_px
     parts: list[dict[str, np.ndarray]] = []
     with open_volume(path) as vol:
+        _check_tile_fits(vol.shape, scale, settings, row, path)
         norm = fit_normalization(vol, settings.percentiles, scale, f"scan {row.scan_id}")
         dtype = vol.dtype if scale == 1.0 else np.dtype(np.float32)
         writer = ChunkWriter(out_dir, f"{row.tissue}/{row.scan_id}", size, chunk_tiles, dtype)

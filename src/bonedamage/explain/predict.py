@@ -82,6 +82,7 @@ def _flush(
     hi: float,
     cam: bool,
     batch_size: int,
+    cam_layer: str | None,
 ) -> list[tuple[_Plane, np.ndarray, np.ndarray | None]]:
     """Classify (and explain) the kept tiles of the pending planes in one batch."""
     kept = [p.cut.tiles[p.cut.keep] for p in pending]
@@ -90,7 +91,9 @@ def _flush(
     prob = model.failed_probability(raw, lo, hi) if len(raw) else np.empty(0)
     maps = None
     if cam and len(raw):
-        maps = gradcam.compute_cams(model.module, normalize(raw, lo, hi), batch_size=batch_size)
+        maps = gradcam.compute_cams(
+            model.module, normalize(raw, lo, hi), layer=cam_layer, batch_size=batch_size
+        )
     out, start = [], 0
     for plane, n in zip(pending, counts, strict=True):
         out.append(
@@ -108,8 +111,9 @@ def load_model(uri: str) -> TileClassifier:
 
     try:
         model = load_classifier(uri)
-    except (MlflowException, OSError) as exc:
-        raise PredictError(f"{uri}: cannot load the model ({str(exc).splitlines()[0]})") from exc
+    except (MlflowException, OSError, ValueError, KeyError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PredictError(f"{uri}: cannot load the model ({first})") from exc
     if not isinstance(model, TileClassifier):
         raise PredictError(f"{uri}: not a bonedamage tile classifier")
     return model
@@ -123,11 +127,22 @@ def predict_scan(
     voxel_size_um: float | None = None,
     model_uri: str = "",
     cam: bool = True,
+    cam_layer: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Predict a whole scan into ``out`` (replaced atomically); return the verdict."""
+    """Predict a whole scan into ``out`` (replaced atomically); return the verdict.
+
+    ``cam_layer`` names the Grad-CAM target layer (None: the last conv block).
+    """
+    if batch_size < 1:
+        raise PredictError(f"batch_size {batch_size}: must be a positive number of tiles")
     settings = settings_of(model.tiling)
+    if cam:
+        try:
+            gradcam.target_layer(model.module, cam_layer)
+        except ValueError as exc:
+            raise PredictError(f"{model_uri or 'model'}: CAM layer: {exc}") from exc
     plane = settings.planes[0]
     size = settings.tile_px
     with open_volume(scan) as vol:
@@ -147,7 +162,7 @@ def predict_scan(
         indices = list(range(0, count, settings.slice_stride))
         page_of = {index: page for page, index in enumerate(indices)}
         try:
-            first = plane_tiles(read(indices[0]), norm, settings)
+            first = plane_tiles(_finite(read(indices[0]), scan, plane, 0), norm, settings)
         except TilingError as exc:
             raise TilingError(
                 f"{scan}: {exc} ({plane} plane at the model's working voxel size "
@@ -176,15 +191,18 @@ def predict_scan(
                     bar.update(1)
 
             for i in indices:
-                cut = first if i == indices[0] else plane_tiles(read(i), norm, settings)
+                if i != indices[0]:
+                    cut = plane_tiles(_finite(read(i), scan, plane, i), norm, settings)
+                else:
+                    cut = first
                 if cut.image.shape != page_shape:
                     raise VolumeError(scan, f"{plane} plane {i} is {cut.image.shape}")
                 pending.append(_Plane(i, cut))
                 if sum(int(p.cut.keep.sum()) for p in pending) >= batch_size:
-                    emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size))
+                    emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size, cam_layer))
                     pending = []
             if pending:
-                emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size))
+                emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size, cam_layer))
             bar.close()
             tiles = pd.DataFrame(rows, columns=TILE_COLUMNS)
             if tiles.empty:
@@ -209,6 +227,15 @@ def predict_scan(
                 )
             orthoviews(prob_vol, staging / "orthoviews.png", spacing, settings.working_voxel_um)
     return verdict
+
+
+def _finite(raw: np.ndarray, scan: Path, plane: str, index: int) -> np.ndarray:
+    """The plane, or PredictError when it holds NaN or inf (the range samples few planes)."""
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise PredictError(
+            f"{scan}: {plane} plane {index} contains NaN or infinite values; scans must be finite"
+        )
+    return raw
 
 
 TILE_COLUMNS = ["plane", "index", "r", "c", "z", "y", "x", "prob_failed"]
@@ -271,22 +298,47 @@ def _write_tables(out: Path, tiles: pd.DataFrame, plane: str, verdict: dict) -> 
 
 
 def orthoviews(stack: np.ndarray, path: Path, spacing: float, pixel: float) -> None:
-    """The middle page and the two orthogonal sections of a stack, at their aspect ratio."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """The middle page and the two orthogonal sections of a stack, with a colour bar.
+
+    Sections are stretched along the page axis to their physical aspect (``spacing`` /
+    ``pixel``); probabilities in magma from 0 to 1, NaN (no tile) in grey. Drawn with
+    Pillow, not a matplotlib figure: it is a fixed cost of every prediction, and a figure
+    costs more than the forward pass of a small scan.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
 
     n, h, w = stack.shape
+    stretch = max(1, round(spacing / pixel))
     views = [
-        ("page (in-plane)", stack[n // 2], pixel / pixel),
-        ("rows x pages", stack[:, h // 2, :], spacing / pixel),
-        ("columns x pages", stack[:, :, w // 2], spacing / pixel),
+        ("page (in-plane)", np.asarray(stack[n // 2])),
+        ("rows x pages", np.repeat(stack[:, h // 2, :], stretch, axis=0)),
+        ("columns x pages", np.repeat(stack[:, :, w // 2], stretch, axis=0)),
     ]
-    fig = Figure(figsize=(12, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    for ax, (title, image, aspect) in zip(axes, views, strict=True):
-        shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=1.0, aspect=aspect)
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
-    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="failed probability")
-    fig.savefig(path, format="png", metadata={"Software": None})
+    zoom = max(1, ORTHO_PX // max(max(v.shape) for _, v in views))
+    lut = (colormaps["magma"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+    def colour(values: np.ndarray) -> np.ndarray:
+        index = np.clip(np.nan_to_num(values, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8)
+        rgb = lut[index]
+        rgb[np.isnan(values)] = 128
+        return np.kron(rgb, np.ones((zoom, zoom, 1), dtype=np.uint8))
+
+    panels = [(title, colour(v)) for title, v in views]
+    bar = colour(np.linspace(1.0, 0.0, max(p.shape[0] for _, p in panels) // zoom)[:, None])
+    bar = np.repeat(bar[:, :1], 16, axis=1)
+    gap, top = 12, 18
+    width = sum(p.shape[1] for _, p in panels) + bar.shape[1] + gap * (len(panels) + 2) + 24
+    canvas = Image.new("RGB", (width, bar.shape[0] + top + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for title, panel in [*panels, ("p(failed)", bar)]:
+        canvas.paste(Image.fromarray(panel), (x, top))
+        draw.text((x, 3), title, fill="black")
+        x += panel.shape[1] + gap
+    draw.text((x - gap + 4, top), "1", fill="black")
+    draw.text((x - gap + 4, top + bar.shape[0] - 10), "0", fill="black")
+    canvas.save(path, format="PNG")
+
+
+ORTHO_PX = 320  # the longest panel side in the PNG, in pixels (integer zoom)

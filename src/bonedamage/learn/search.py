@@ -6,15 +6,21 @@ on the specimen-grouped train split and reports the validation balanced accuracy
 every epoch so the pruner can stop hopeless trials early. Studies live in a persistent
 storage: a re-run continues the same study and keeps its finished trials, and any number
 of worker processes (or machines, with a database URL) pointed at the same storage share
-one study. Logging is injected through :class:`SearchHooks` (MLflow lives in
-``lifecycle``), so this module runs with or without tracking.
+one study. A search killed mid-trial and run again ends with the same trials, scores and
+best configuration as one never interrupted (see ``RESUME_KEY``). Logging is injected
+through :class:`SearchHooks` (MLflow lives in ``lifecycle``), so this module runs with or
+without tracking.
 """
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import hashlib
+import itertools
 import json
 import logging
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +31,7 @@ import pandas as pd
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
+from bonedamage.atomic import atomic_path
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
 from bonedamage.learn.data import Augment
 from bonedamage.learn.final import fit_on_split
@@ -42,6 +49,15 @@ ARCH_KEYS = (
     "dense_units",
 )
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# Every trial records in its system attributes the worker that ran it, its slot (how many
+# trials that worker had finished before it) and the sampler's random state once the trial's
+# parameters are drawn. A worker resuming a study restores the random state of its last
+# finished trial and seeds its next trial by slot: the trial a killed process left RUNNING
+# is drawn and trained again exactly as an uninterrupted run would have, so the resumed
+# study's finished trials, scores and best configuration are those of an uninterrupted one.
+RESUME_KEY = "bonedamage:resume"
+_ATTR_CHUNK = 2045  # RDB storages keep a system attribute value under 2046 characters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -72,6 +88,74 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _sampler_rngs(sampler: optuna.samplers.BaseSampler) -> list[np.random.RandomState]:
+    """The random states the TPE sampler draws from: its own and its startup sampler's."""
+    return [sampler._rng.rng, sampler._random_sampler._rng.rng]  # type: ignore[attr-defined]
+
+
+def _record_trial(trial: optuna.Trial, worker: int, slot: int) -> None:
+    """Tag ``trial`` with its worker and slot and the sampler's state after its draws."""
+    states = []
+    for rng in _sampler_rngs(trial.study.sampler):
+        _, key, pos, has_gauss, gauss = rng.get_state(legacy=True)
+        raw = base64.b64encode(np.asarray(key, dtype="<u4").tobytes()).decode("ascii")
+        states.append({"key": raw, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": gauss})
+    text = json.dumps(states)
+    chunks = [text[i : i + _ATTR_CHUNK] for i in range(0, len(text), _ATTR_CHUNK)]
+    for i, chunk in enumerate(chunks):
+        trial.storage.set_trial_system_attr(trial._trial_id, f"{RESUME_KEY}:rng:{i}", chunk)
+    tag = {"worker": worker, "slot": slot, "rng_chunks": len(chunks)}
+    trial.storage.set_trial_system_attr(trial._trial_id, RESUME_KEY, tag)
+
+
+def _resume(study: optuna.Study, worker: int) -> int:
+    """Restore the sampler state of ``worker``'s last finished trial; return its next slot."""
+    mine = [
+        t
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if (t.system_attrs.get(RESUME_KEY) or {}).get("worker") == worker
+    ]
+    if not mine:
+        return 0
+    last = max(mine, key=lambda t: t.system_attrs[RESUME_KEY]["slot"])
+    tag = last.system_attrs[RESUME_KEY]
+    text = "".join(last.system_attrs[f"{RESUME_KEY}:rng:{i}"] for i in range(tag["rng_chunks"]))
+    for rng, state in zip(_sampler_rngs(study.sampler), json.loads(text), strict=True):
+        key = np.frombuffer(base64.b64decode(state["key"]), dtype="<u4").astype(np.uint32)
+        rng.set_state(("MT19937", key, state["pos"], state["has_gauss"], state["gauss"]))
+    return int(tag["slot"]) + 1
+
+
+class JournalFlock:
+    """An exclusive ``flock`` on ``<journal>.flock`` around each journal write (the lock
+    interface of Optuna's journal file backend: ``acquire`` and ``release``).
+
+    The kernel drops it when its holder dies, so a search killed while writing never blocks
+    the next one. (Optuna's default lock is a symlink that a killed writer leaves behind; for
+    a relative journal path it dangles, its grace period never expires, and every later
+    search spins forever waiting for it.)
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self._path = f"{journal}.flock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def storage_from(url: str) -> optuna.storages.BaseStorage | str:
     """A database URL (``sqlite:///``, ``postgresql://`` ...) as is; a plain path becomes a
     journal file, which many processes on one machine (or a shared file system) can share
@@ -80,7 +164,8 @@ def storage_from(url: str) -> optuna.storages.BaseStorage | str:
         return url
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=JournalFlock(path))
+    return optuna.storages.JournalStorage(backend)
 
 
 def make_pruner(cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePruner:
@@ -157,9 +242,12 @@ def run_search(
     if remaining <= 0:
         return study
     epochs = int(cfg["epochs"])
+    slots = itertools.count(_resume(study, worker))
 
     def objective(trial: optuna.Trial) -> float:
+        slot = next(slots)  # = trial.number in an uninterrupted single-worker study
         params = suggest(trial, cfg["space"])
+        _record_trial(trial, worker, slot)
         if hooks:
             hooks.trial_started(trial, params)
         tc = TrainConfig.from_params(
@@ -169,7 +257,7 @@ def run_search(
             weight_decay=params["weight_decay"],
             batch_size=params["batch_size"],
             patience=epochs,
-            seed=int(cfg["seed"]) + trial.number,
+            seed=int(cfg["seed"]) + slot,
         )
         seed_everything(tc.seed, tc.threads)
         model = build_cnn({k: params[k] for k in ARCH_KEYS})
@@ -199,10 +287,15 @@ def run_search(
 
 
 def best_config(study: optuna.Study) -> dict[str, Any]:
-    """The best trial's architecture, optimiser settings and augmentation strength."""
+    """The best trial's architecture, optimiser settings and augmentation strength.
+
+    ``trial`` is its position among the study's finished trials (Optuna's numbers also
+    count the trials that killed processes left unfinished).
+    """
     best = study.best_trial
+    finished = [t.number for t in study.get_trials(deepcopy=False, states=FINISHED)]
     return {
-        "trial": best.number,
+        "trial": finished.index(best.number),
         "value": best.value,
         "arch": {k: best.params[k] for k in ARCH_KEYS},
         **{k: best.params[k] for k in ("lr", "weight_decay", "batch_size", "augment_strength")},
@@ -210,8 +303,9 @@ def best_config(study: optuna.Study) -> dict[str, Any]:
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
-    """Trial counts by state and epochs spent (pruning saves epochs)."""
-    trials = study.get_trials(deepcopy=False)
+    """Finished trials by state and the epochs they spent (pruning saves epochs); trials
+    left unfinished (by a killed process, or another worker still running) are not counted."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
     states = pd.Series([t.state.name for t in trials]).value_counts().to_dict()
     epochs = [t.user_attrs.get("epochs_run", len(t.intermediate_values)) for t in trials]
     return {
@@ -222,12 +316,23 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     }
 
 
+def finished_study(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``study`` holding its finished trials only, numbered 0, 1, ...
+    as in a study never interrupted (the stored study keeps the number of a trial that a
+    killed process left unfinished)."""
+    copy = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    copy.add_trials(study.get_trials(deepcopy=False, states=FINISHED))
+    return copy
+
+
 def save_plots(study: optuna.Study, out_dir: Path, seed: int = 0) -> list[Path]:
     """Optimisation history and parameter importances as PNGs (matplotlib, headless).
 
     The importances' fANOVA forest is seeded and the PNGs carry no software metadata, so
-    the same study gives the same bytes (the files are pipeline outputs in dvc.lock).
+    the same study gives the same bytes (the files are pipeline outputs in dvc.lock); they
+    show the :func:`finished_study`, so a resumed study gives those of an uninterrupted one.
     """
+    study = finished_study(study)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +356,8 @@ def save_plots(study: optuna.Study, out_dir: Path, seed: int = 0) -> list[Path]:
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.set_size_inches(8, 5)
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100, metadata={"Software": None})
+        with atomic_path(out_dir / name) as tmp:  # a killed search leaves no truncated PNG
+            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
         plt.close(fig)
         written.append(out_dir / name)
     return written

@@ -104,6 +104,8 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         if raw.dtype.kind not in "uif":
             raise RequestError(f"tiles must be numbers (uint8, uint16 or float32), got {raw.dtype}")
         want = (self.tile_px, self.tile_px)
+        if raw.ndim == 3 and len(raw) == 0:
+            raise RequestError(f"tiles: the request holds no tiles (shape {raw.shape})")
         if raw.ndim != 3 or raw.shape[1:] != want or len(raw) == 0:
             raise RequestError(f"tiles must have shape (n, {want[0]}, {want[1]}), got {raw.shape}")
         raw = raw.astype(np.float32, copy=False)

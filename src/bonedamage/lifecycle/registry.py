@@ -17,12 +17,14 @@ only: MLflow's stages are deprecated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -383,20 +385,83 @@ def _clear_promotion_tags(client: MlflowClient, name: str, version: str) -> None
             client.delete_model_version_tag(name, version, key)
 
 
+def _sqlite_path(uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` store URI (None for any other store)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _promotion_lock(client: MlflowClient) -> Iterator[None]:
+    """Serialise promotions that share a local SQLite registry (``<db>.lock`` beside it).
+
+    MLflow has no compare-and-set for aliases, and its SQLite store writes aliases and tags
+    as read-then-insert: two promotions at once could each move ``champion`` from the same
+    old version, the later one over a better version the earlier one had just promoted, and
+    their tag writes collide (``UNIQUE constraint failed``). Processes on one machine take
+    turns here; other stores get no lock (see :func:`_decide_fresh`).
+    """
+    db = _sqlite_path(getattr(client, "_registry_uri", None) or mlflow.get_registry_uri())
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        db = None
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _decide_fresh(
+    client: MlflowClient, name: str, challenger: tuple[int, dict[str, str]], cfg: dict[str, Any]
+) -> Decision:
+    """:func:`decide` against the champion, re-read just before the alias would move.
+
+    A promotion elsewhere (a tracking server has no lock) may move the champion while this
+    one decides; the challenger is then compared again with the new champion.
+    """
+    champion = _alias(client, name, CHAMPION)
+    for _ in range(5):
+        decision = decide(name, challenger, champion, cfg)
+        if not decision.promote:
+            return decision
+        now = _alias(client, name, CHAMPION)
+        if (now and now[0]) == (champion and champion[0]):
+            return decision
+        champion = now
+    raise PromotionError(
+        f"{name}: the champion kept moving while version {challenger[0]} was compared with "
+        "it (other promotions running): try again"
+    )
+
+
 def promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
     """Compare ``challenger`` with ``champion`` of ``name``; move ``champion`` if it wins.
 
     The decision (reason, deltas, time, champion before/after) is written as tags on the
     challenger version, refusals included. The alias is re-pointed in one call, so the
-    model is never without a champion once it has had one.
+    model is never without a champion once it has had one; promotions sharing a SQLite
+    store take turns (:func:`_promotion_lock`).
     """
+    with _promotion_lock(client):
+        return _promote(client, name, cfg)
+
+
+def _promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
     challenger = _alias(client, name, CHALLENGER)
     if challenger is None:
         raise PromotionError(f"{name} has no '{CHALLENGER}' version: run `bonedamage register`")
     version = str(challenger[0])
     stamp = {"promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
-        decision = decide(name, challenger, _alias(client, name, CHAMPION), cfg)
+        decision = _decide_fresh(client, name, challenger, cfg)
     except PromotionError as exc:
         _clear_promotion_tags(client, name, version)
         refused = {**stamp, "promotion.decision": "refused", "promotion.reason": str(exc)}

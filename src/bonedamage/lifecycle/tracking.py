@@ -4,14 +4,20 @@ Default store: a SQLite file in the repository (``mlflow.db``, embedded, nothing
 start) with artifacts under ``mlartifacts/``; ``MLFLOW_TRACKING_URI`` overrides it (a
 remote ``mlflow server``). Every run carries the data version (the DVC hashes of
 ``data/raw`` and of the tiles and splits) and the git commit, so a metric can always be
-traced to the exact data and code that produced it. Telemetry is off.
+traced to the exact data and code that produced it. Telemetry is off. A tracking server
+that does not answer stops a command at once (:class:`TrackingError`), before it has
+written anything: MLflow's client would retry it for minutes first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +30,50 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow
 import optuna
 
+PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking server does not answer (check MLFLOW_TRACKING_URI and the server)."""
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` unless the tracking server at ``uri`` answers.
+
+    MLflow's client retries a server that does not answer for minutes
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``); one GET of
+    ``<uri>/health`` tells in seconds. Any HTTP answer counts (401 behind a login, 404
+    behind a proxy), and so does a TLS handshake this probe cannot verify (MLflow has its
+    own certificate settings): only no answer at all is an error. Other stores pass.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    # user:password@ stays out of the probe (urllib cannot send it) and of the message
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    try:
+        urllib.request.urlopen(shown.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:  # URLError (refused, DNS), timeouts, a bad URL
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return
+        raise TrackingError(
+            f"MLflow tracking server {shown} does not answer ({reason or type(exc).__name__}): "
+            "start it, or fix or unset MLFLOW_TRACKING_URI (unset: the local SQLite store)"
+        ) from None
+
 
 def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
-    """Point MLflow at the configured store and experiment; return the tracking URI."""
+    """Point MLflow at the configured store and experiment; return the tracking URI.
+
+    A tracking server that does not answer raises :class:`TrackingError` (in seconds).
+    """
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo / cfg['db']).resolve()}"
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name = cfg["experiment"]
     if mlflow.get_experiment_by_name(name) is None:
