@@ -34,6 +34,17 @@ TINY_ARCH = {
 }
 
 
+class RunsCode:
+    """Unpickling this would create ``target``: a stand-in for arbitrary code in a weights
+    file (``weights_only`` loading must refuse it without running it)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.target),))
+
+
 def write_tiny_models(models: Path, tissue: str, seed: int, tile_px: int, val: float = 0.8) -> None:
     """A tiny CNN and a scratch ResNet-18 with seeded random weights and their sidecars,
     as the training stages write them (models/<tissue>/cnn.pt, resnet/resnet_scratch.pt)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import urllib.request
@@ -15,6 +14,7 @@ from torch import nn
 
 from bonedamage.learn import models
 from bonedamage.learn.models import WeightsError
+from conftest import RunsCode
 
 ARCH = {
     "n_blocks": 3,
@@ -192,16 +192,6 @@ def test_scratch_init_and_unknown_names() -> None:
         models.build_resnet("vgg16")
 
 
-class _Evil:
-    """Unpickling this would create a directory: weights_only must refuse it."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.target),))
-
-
 def bad_file(tmp_path: Path, kind: str) -> Path:
     path = tmp_path / f"{kind}.pt"
     if kind == "module":
@@ -218,9 +208,9 @@ def bad_file(tmp_path: Path, kind: str) -> Path:
     elif kind == "empty":
         torch.save({}, path)
     elif kind == "evil_torch":
-        torch.save({"w": _Evil(tmp_path / "pwned")}, path)
+        torch.save({"w": RunsCode(tmp_path / "pwned")}, path)
     elif kind == "evil_pickle":
-        path.write_bytes(pickle.dumps({"w": _Evil(tmp_path / "pwned")}, protocol=2))
+        path.write_bytes(pickle.dumps({"w": RunsCode(tmp_path / "pwned")}, protocol=2))
     return path
 
 

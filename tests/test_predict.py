@@ -18,7 +18,7 @@ from bonedamage.data.volume import write_volume
 from bonedamage.explain import predict
 from bonedamage.lifecycle.pyfunc import TileClassifier
 from bonedamage.lifecycle.registry import tiling_info
-from conftest import write_tiny_models
+from conftest import RunsCode, write_tiny_models
 
 TISSUE = "trabecular"
 
@@ -230,16 +230,6 @@ def test_predict_command_refuses_bad_scans(case, local_model, cli_params, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-class _RunsCode:
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        import os
-
-        return (os.mkdir, (str(self.target),))
-
-
 def test_predict_command_refuses_a_model_whose_weights_are_not_a_state_dict(
     params: dict, cli_params: Path, tmp_path: Path, capsys
 ) -> None:
@@ -248,7 +238,7 @@ def test_predict_command_refuses_a_model_whose_weights_are_not_a_state_dict(
     from conftest import save_tiny_pyfunc
 
     evil = tmp_path / "evil.pt"
-    torch.save({"w": _RunsCode(tmp_path / "pwned")}, evil)
+    torch.save({"w": RunsCode(tmp_path / "pwned")}, evil)
     model = save_tiny_pyfunc(tmp_path / "m", params, weights=evil)
     code, out = _run_predict(tmp_path, _stack(tmp_path / "scan.tif", _scan()), model, cli_params)
     err = capsys.readouterr().err

@@ -8,7 +8,6 @@ shape error is checked over HTTP in test_registry.py).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from mlflow.protos.databricks_pb2 import ErrorCode
 
 from bonedamage.learn.models import WeightsError
 from bonedamage.lifecycle.pyfunc import RequestError
-from conftest import save_tiny_pyfunc
+from conftest import RunsCode, save_tiny_pyfunc
 
 PX = 16
 NORM = {"norm_lo": 0.0, "norm_hi": 60000.0}
@@ -98,21 +97,11 @@ def test_classifier_checks_requests_without_a_signature(served, data, fragment) 
     assert fragment in str(info.value)
 
 
-class _RunsCode:
-    """Unpickling this would create ``target``: a stand-in for arbitrary code."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.target),))
-
-
 def test_model_whose_weights_are_a_pickled_object_is_refused_unrun(
     params: dict, tmp_path: Path
 ) -> None:
     evil = tmp_path / "weights.pt"
-    torch.save({"conv.weight": _RunsCode(tmp_path / "pwned")}, evil)  # a non-tensor object
+    torch.save({"conv.weight": RunsCode(tmp_path / "pwned")}, evil)  # a non-tensor object
     folder = save_tiny_pyfunc(tmp_path / "m", params, weights=evil)
     with pytest.raises(WeightsError) as info:
         mlflow.pyfunc.load_model(str(folder))  # what `mlflow models serve` does first
