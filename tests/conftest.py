@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +39,43 @@ TINY_ARCH = {
     "dropout": 0.0,
     "dense_units": 8,
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_cli() -> str:
+    return str(Path(sys.executable).with_name("mlflow"))
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], env: dict[str, str], url: str, log: Path):
+    """Start a server process; yield once ``url`` answers; stop the whole process group."""
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{cmd[:3]} exited {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{url} did not answer in 120 s: {log.read_text()[-2000:]}")
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 class RunsCode:
@@ -95,7 +139,17 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory, params: dict[str, An
 
 @pytest.fixture(scope="session")
 def default_dataset(tmp_path_factory: pytest.TempPathFactory, params: dict[str, Any]) -> Path:
-    """The full default phantom dataset, exactly as `bonedamage synth` writes it (~1.5 min)."""
+    """The full default phantom dataset, exactly as `bonedamage synth` writes it (~1.5 min).
+
+    ``BONEDAMAGE_SYNTH_DATA`` may name a data root that `bonedamage synth` has just written
+    from these params (read-only here): ``.ci/run`` passes the one its data phase rebuilt
+    in the fresh clone and checked against data.dvc, so CI makes the phantoms once.
+    """
+    given = os.environ.get("BONEDAMAGE_SYNTH_DATA")
+    if given:
+        if not (Path(given) / "manifest.csv").is_file():
+            pytest.fail(f"BONEDAMAGE_SYNTH_DATA={given} is not a data root (no manifest.csv)")
+        return Path(given)
     root = tmp_path_factory.mktemp("default") / "data" / "raw"
     generate_dataset(params["synth"], root, workers=2, progress=False)
     return root

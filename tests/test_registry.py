@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +25,7 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import split_rows
 from bonedamage.lifecycle import registry, tracking
 from bonedamage.lifecycle.pyfunc import load_classifier
-from conftest import tiny_metrics, write_tiny_models
+from conftest import free_port, mlflow_cli, running, tiny_metrics, write_tiny_models
 
 TISSUE = "cortical"
 CFG = {
@@ -256,43 +252,6 @@ def test_promote_refuses_a_challenger_from_other_test_data(env, capsys, monkeypa
 
 
 # -- serving and a tracking server -------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mlflow_cli() -> str:
-    return str(Path(sys.executable).with_name("mlflow"))
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], env: dict[str, str], url: str, log: Path):
-    """Start a server process; yield once ``url`` answers; stop the whole process group."""
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"{cmd[:3]} exited {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"{url} did not answer in 120 s: {log.read_text()[-2000:]}")
-        yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def child_env(uri: str) -> dict[str, str]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
     env.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment in this process sets it
@@ -353,35 +312,6 @@ def test_mlflow_models_predict_on_a_file_of_tiles(env) -> None:
     got = pd.DataFrame(json.loads((tmp / "pred.json").read_text())["predictions"])
     expected = load_classifier(f"models:/t-{TISSUE}@champion").classify(raw, lo, hi)
     np.testing.assert_allclose(got["prob_failed"], expected["prob_failed"], rtol=1e-6)
-
-
-def test_register_and_promote_against_a_tracking_server(env, tmp_path, monkeypatch) -> None:
-    port = free_port()
-    cmd = [mlflow_cli(), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"),
-           "--workers", "1"]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, child_env(env["uri"]), f"{url}/health", tmp_path / "server.log"):
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        tracking.configure({"db": "unused.db", "artifacts": "unused", "experiment": "srv"})
-        data = env["data"]
-        registry.run_register(
-            env["params"], TISSUE, *data, env["tmp"] / "v1", env["tmp"] / "v1.json",
-            tmp_path / "record.json",
-        )  # fmt: skip
-        decisions, errors = registry.run_promote(env["params"], TISSUE)
-        assert errors == [] and all(d.promote for d in decisions)
-        client = MlflowClient(url)
-        for name in registry.model_names("t", TISSUE):
-            assert client.get_model_version_by_alias(name, registry.CHAMPION).version == "1"
-        # the artifacts went to the server's store, not to a local folder
-        assert any((tmp_path / "server-artifacts").rglob("MLmodel"))
-        assert not (tmp_path / "unused").exists() and not Path("unused").exists()
-        model = load_classifier(f"models:/t-{TISSUE}@champion")
-        raw, lo, hi = raw_test_tiles(env)
-        assert len(model.classify(raw, lo, hi)) == len(raw)
-    mlflow.set_tracking_uri(env["uri"])
 
 
 def test_promote_before_register_exits_2_naming_the_models(cli_params: Path, capsys) -> None:

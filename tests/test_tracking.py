@@ -61,6 +61,8 @@ def test_search_is_a_parent_run_with_one_nested_run_per_trial(
     assert len(children) == 3
     assert {c.data.tags["optuna.state"] for c in children} <= {"COMPLETE", "PRUNED"}
     assert all("val_balanced_accuracy" in c.data.metrics for c in children)
+    # a killed search's trial run can be ended by the next command (owner tags)
+    assert {c.data.tags["process.pid"] for c in [*parents, *children]} == {str(os.getpid())}
     assert parents[0].data.tags["data.raw_md5"]
     artifacts = mlflow.artifacts.list_artifacts(
         run_id=parents[0].info.run_id, artifact_path="plots"
@@ -134,3 +136,39 @@ def test_an_unreachable_tracking_server_stops_register_at_once_writing_nothing(
     assert elapsed < 20, f"took {elapsed:.0f} s"
     assert not out.exists() and not out.parent.exists()
     assert not (tmp_path / "unused.db").exists() and not (tmp_path / "a").exists()
+
+
+# -- runs of killed processes --------------------------------------------------------------
+def test_runs_of_killed_processes_on_this_host_are_marked_killed(store, tmp_path) -> None:
+    """A SIGKILLed stage leaves its run RUNNING; the next tracked command ends it as KILLED,
+    and leaves the runs of live processes, of other hosts and without owner tags alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    client = mlflow.tracking.MlflowClient()
+    experiment = mlflow.get_experiment_by_name("test").experiment_id
+    owners = {
+        "killed": {"process.host": host, "process.pid": str(dead.pid)},
+        "live": {"process.host": host, "process.pid": str(live.pid)},
+        "other host": {"process.host": f"not-{host}", "process.pid": str(dead.pid)},
+        "no owner": {},
+    }
+    try:
+        ids = {
+            name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
+            for name, tags in owners.items()
+        }
+        tracking.configure({"db": "t.db", "artifacts": "art", "experiment": "test"}, tmp_path)
+        status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    finally:
+        live.kill()
+        live.wait()
+    assert status == {"killed": "KILLED", "live": "RUNNING", "other host": "RUNNING",
+                      "no owner": "RUNNING"}  # fmt: skip
+
+
+def test_every_stage_run_names_its_owner_process() -> None:
+    tags = tracking.version_tags(REPO)
+    assert tags["process.pid"] == str(os.getpid())
+    assert tags["process.host"] == socket.gethostname()

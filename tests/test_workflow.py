@@ -62,8 +62,11 @@ def test_ci_run_and_the_workflow_run_the_same_commands() -> None:
     for text in (ci, workflow):
         at = [text.find(command) for command in commands]
         assert -1 not in at, [c for c, i in zip(commands, at, strict=True) if i == -1]
-        scripts = at[:4]  # .ci/run defines the gate's commands above its steps
-        assert scripts == sorted(scripts), "the pipeline steps run in another order"
+        # the tests run first (workflow: their own job) or after the data phase (.ci/run);
+        # .ci/run defines the gate's commands above its steps
+        phases = at[1:4]
+        assert phases == sorted(phases), "the pipeline phases run in another order"
+        assert at[0] < phases[1], "the tests run after the learning phase"
 
 
 def test_ci_phases_force_every_stage_of_the_pipeline_once_in_order() -> None:

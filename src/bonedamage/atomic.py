@@ -1,17 +1,56 @@
 """Atomic file output: write to a temporary sibling, rename into place on success.
 
 A killed or failing writer never leaves a half-written file under the final name, so
-DVC never caches a truncated output and a re-run starts clean.
+DVC never caches a truncated output and a re-run starts clean. A SIGKILLed writer cannot
+remove its temporary sibling; the name carries the writer's process id
+(``.<name>.<pid>.<random>.tmp``), and the next writer of the same target removes the
+siblings whose process is gone on this machine (live ones may be concurrent writers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (any owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_siblings(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary siblings of ``target`` left by writers that were killed; return
+    them. A sibling is stale when the process id in its name no longer exists."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for sibling in target.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match is None or pid_alive(int(match[1])):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
+
+
+def _prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -19,7 +58,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; move it onto ``target`` if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_siblings(target)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -34,7 +74,8 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; it replaces ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_siblings(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the final folder is an ordinary one
     try:
         yield tmp

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from bonedamage import __version__
@@ -210,6 +211,29 @@ def _tracked(args: argparse.Namespace) -> dict:
     return params
 
 
+@contextmanager
+def _training(args: argparse.Namespace, device_from: str = "train") -> Iterator[dict]:
+    """params.yaml inside the process group of a ``torchrun`` launch (nothing to join
+    without one); MLflow is configured on the rank that tracks (rank 0) only."""
+    from bonedamage.learn import distributed
+    from bonedamage.lifecycle.tracking import configure
+
+    params = load_params(args.params)
+    cfg = {**section(params, "train", args.params), **params.get(device_from, {})}
+    with distributed.session(str(cfg.get("device", "auto"))):
+        if distributed.is_main():
+            configure(section(params, "mlflow", args.params))
+        yield params
+
+
+def _report(line: str) -> None:
+    """Print ``line`` once per launch (on rank 0 under ``torchrun``)."""
+    from bonedamage.learn import distributed
+
+    if distributed.is_main():
+        print(line)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """Optuna search of the CNN architecture for one tissue (nested MLflow runs per trial)."""
     from bonedamage.lifecycle.runs import run_search
@@ -235,12 +259,17 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
     """Train the final CNN of a tissue with the best searched configuration."""
     from bonedamage.lifecycle.runs import run_train_cnn
 
-    params = _tracked(args)
     models = Path(args.models) / args.tissue
-    scores = run_train_cnn(
-        params, args.tissue, Path(args.tiles), Path(args.splits), models / "cnn_search.json", models
-    )
-    print(f"{args.tissue}: " + ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()))
+    with _training(args) as params:
+        scores = run_train_cnn(
+            params,
+            args.tissue,
+            Path(args.tiles),
+            Path(args.splits),
+            models / "cnn_search.json",
+            models,
+        )
+        _report(f"{args.tissue}: " + ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()))
     return 0
 
 
@@ -248,10 +277,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Self-supervised rotation pretraining of the ResNet backbone for a tissue."""
     from bonedamage.lifecycle.runs import run_pretrain
 
-    params = _tracked(args)
     out = Path(args.models) / args.tissue / "pretext.pt"
-    score = run_pretrain(params, args.tissue, Path(args.tiles), Path(args.splits), out)
-    print(f"{args.tissue}: rotation task val balanced accuracy {score:.4f}")
+    with _training(args, "resnet") as params:
+        score = run_pretrain(params, args.tissue, Path(args.tiles), Path(args.splits), out)
+        _report(f"{args.tissue}: rotation task val balanced accuracy {score:.4f}")
     return 0
 
 
@@ -259,17 +288,17 @@ def cmd_train_resnet(args: argparse.Namespace) -> int:
     """Fine-tune the ResNet of a tissue for every init in params resnet.inits."""
     from bonedamage.lifecycle.runs import run_train_resnet
 
-    params = _tracked(args)
     models = Path(args.models) / args.tissue
-    scores = run_train_resnet(
-        params,
-        args.tissue,
-        Path(args.tiles),
-        Path(args.splits),
-        models / "pretext.pt",
-        models / "resnet",
-    )
-    print(f"{args.tissue}: " + ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()))
+    with _training(args, "resnet") as params:
+        scores = run_train_resnet(
+            params,
+            args.tissue,
+            Path(args.tiles),
+            Path(args.splits),
+            models / "pretext.pt",
+            models / "resnet",
+        )
+        _report(f"{args.tissue}: " + ", ".join(f"{k} val {v:.4f}" for k, v in scores.items()))
     return 0
 
 
@@ -549,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--models", default="models", help="models folder (default: %(default)s)")
     tracked = " Tracked in MLflow (params.yaml 'mlflow'; MLFLOW_TRACKING_URI overrides)."
 
+    def ddp(command: str) -> str:
+        return (
+            " Data-parallel on several processes or GPUs (DDP; rank 0 alone tracks and writes"
+            ", the batch size stays the global one): torchrun --standalone --nproc-per-node 2 "
+            f"-m bonedamage {command} --tissue cortical (docs/scale-out.md)."
+        )
+
     p = sub.add_parser(
         "search",
         parents=[common, learn],
@@ -573,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, learn],
         help="train the final CNN",
         description=cmd_train_cnn.__doc__ + " Also trains the same recipe on "
-        "the leaky split, for the inflation metric." + tracked,
+        "the leaky split, for the inflation metric." + tracked + ddp("train-cnn"),
     )
     p.set_defaults(func=cmd_train_cnn)
 
@@ -581,7 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         parents=[common, learn],
         help="ResNet rotation pretraining",
-        description=cmd_pretrain.__doc__ + " Settings: params.yaml 'resnet'." + tracked,
+        description=cmd_pretrain.__doc__
+        + " Settings: params.yaml 'resnet'."
+        + tracked
+        + ddp("pretrain"),
     )
     p.set_defaults(func=cmd_pretrain)
 
@@ -590,7 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, learn],
         help="ResNet transfer learning (imagenet | pretext | scratch)",
         description=cmd_train_resnet.__doc__ + " ImageNet weights come from "
-        "resnet.weights_path or the torch cache, never from the network." + tracked,
+        "resnet.weights_path or the torch cache, never from the network."
+        + tracked
+        + ddp("train-resnet"),
     )
     p.set_defaults(func=cmd_train_resnet)
 

@@ -5,7 +5,8 @@ rotation pretext task. It runs on a GPU when there is one (``device: auto``) wit
 precision there, and on the CPU otherwise, where a fixed seed, deterministic algorithms
 and a fixed thread count give the same weights and metrics on every run. Callbacks let
 the caller prune (Optuna), log (MLflow) or change what trains (a freeze schedule)
-without this module knowing about either.
+without this module knowing about either. Under ``torchrun`` the same loop trains with
+DistributedDataParallel (:mod:`bonedamage.learn.distributed`); without it nothing changes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader
+
+from bonedamage.learn import distributed
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ def fit(
     ``before_epoch(epoch)`` runs first in every epoch (e.g. unfreeze the backbone);
     ``on_epoch(epoch, metrics)`` after validation (it may raise to stop, e.g. a pruned
     Optuna trial). Stops after ``patience`` epochs without improvement.
+
+    Under ``torchrun`` (inside :func:`distributed.session`) each rank trains on its shard
+    of ``train`` through a DDP wrapper, so the ranks keep identical weights; every rank
+    validates on all of ``val``, they all take rank 0's metrics (and so its early-stopping
+    decision), and the callbacks run on every rank.
     """
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
@@ -100,32 +108,43 @@ def fit(
     loss_fn = nn.CrossEntropyLoss()
     best = FitResult(copy.deepcopy(model.state_dict()), -1, -1.0)
     stale, start = 0, time.perf_counter()
+    train = distributed.shard(train, cfg.seed)
+    net, trainable = model, ()  # what trains: ``model``, or its DDP wrapper under torchrun
     for epoch in range(cfg.epochs):
         if before_epoch is not None:
             before_epoch(epoch)
         for loader in (train, val):
-            if hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(epoch)
-        model.train()
+            distributed.set_epoch(loader, epoch)
+        # DDP syncs only the parameters that required grad when it was built
+        flags = tuple(p.requires_grad for p in model.parameters())
+        if flags != trainable:
+            net = model  # drop the old wrapper (and its gradient hooks) first
+            net, trainable = distributed.wrap(model), flags
+        net.train()
         total, count = 0.0, 0
         for x, y in train:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(net(x), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             total += float(loss.detach()) * len(y)
             count += len(y)
+        total, count = distributed.all_sum(total, count)
+        distributed.broadcast_buffers(model)
         prob, labels, val_loss = predict(model, val, device, with_loss=True)
         score = float(balanced_accuracy_score(labels, prob.argmax(1)))
-        metrics = {
-            "train_loss": total / max(count, 1),
-            "val_loss": val_loss,
-            "val_balanced_accuracy": score,
-            "val_accuracy": float((prob.argmax(1) == labels).mean()),
-        }
+        metrics = distributed.agree(
+            {
+                "train_loss": total / max(count, 1),
+                "val_loss": val_loss,
+                "val_balanced_accuracy": score,
+                "val_accuracy": float((prob.argmax(1) == labels).mean()),
+            }
+        )
+        score = metrics["val_balanced_accuracy"]
         best.history.append({"epoch": epoch, **metrics})
         if score > best.best_score:
             best.state_dict = copy.deepcopy(model.state_dict())

@@ -43,7 +43,7 @@ from bonedamage.data.tiling import TileSettings
 from bonedamage.learn.data import split_rows
 from bonedamage.learn.evaluate import THRESHOLD
 from bonedamage.lifecycle.pyfunc import MODEL_CODE
-from bonedamage.lifecycle.tracking import version_tags
+from bonedamage.lifecycle.tracking import process_tags, version_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRICS = ("balanced_accuracy", "roc_auc", "accuracy", "f1", "ece", "scan_accuracy")
@@ -178,7 +178,8 @@ def _log_model(cand: Candidate, tiling: dict[str, Any], example: tuple, tags: di
         meta, tile = Path(tmp) / "meta.json", Path(tmp) / "tiling.json"
         meta.write_text(json.dumps(cand.meta, indent=2, sort_keys=True))
         tile.write_text(json.dumps(tiling, indent=2, sort_keys=True))
-        with mlflow.start_run(run_name=f"register-{cand.name}", tags={**tags, "stage": "register"}):
+        run_tags = {**tags, **process_tags(), "stage": "register"}
+        with mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
@@ -201,7 +202,7 @@ def _log_model(cand: Candidate, tiling: dict[str, Any], example: tuple, tags: di
 def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dict[str, str]:
     """What a registered version carries: data/code version, params, test metrics."""
     tags = {
-        **version_tags(repo),
+        **{k: v for k, v in version_tags(repo).items() if k not in process_tags()},
         "tissue": str(cand.meta.get("tissue", "")),
         "architecture": cand.architecture,
         "metrics_key": cand.key,

@@ -3,11 +3,17 @@
 Each function is one DVC stage for one tissue: it reads the tile store and splits,
 calls the pure ``learn`` code, writes the stage's outputs (atomically) and records the
 run in MLflow with its params, per-epoch metrics, artifacts and the data/code version.
+
+Under ``torchrun`` the final-training stages (train_cnn, pretrain, train_resnet) run on
+every rank, which all train together; rank 0 alone records the runs (with a
+``world_size`` param) and writes the outputs (see docs/scale-out.md).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ import torch
 
 from bonedamage.atomic import write_text_atomic
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn import baseline, evaluate, search
+from bonedamage.learn import baseline, distributed, evaluate, search
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.final import save_model, train_cnn, train_resnet
 from bonedamage.learn.models import build_cnn, build_resnet, load_state_dict_file, pretext_model
@@ -35,6 +41,21 @@ from bonedamage.lifecycle.tracking import MlflowSearchHooks, log_history, versio
 
 def _inputs(tiles: Path, splits: Path) -> tuple[TileStore, pd.DataFrame]:
     return TileStore(tiles), pd.read_parquet(splits)
+
+
+@contextmanager
+def _stage_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterator[bool]:
+    """An MLflow run with the version tags, ``tags`` and ``params``; yield whether this rank
+    tracks. Under ``torchrun`` only rank 0 does (it adds ``world_size`` to the params);
+    the other ranks get no run and only train, so that their collectives match rank 0's."""
+    if not distributed.is_main():
+        yield False
+        return
+    if distributed.world_size() > 1:
+        params = {**params, "world_size": distributed.world_size()}
+    with mlflow.start_run(run_name=name, tags={**version_tags(), **tags}):
+        mlflow.log_params(params)
+        yield True
 
 
 def run_search(
@@ -90,27 +111,20 @@ def run_train_cnn(
     """The final CNN on the grouped split, and the same recipe on the leaky split."""
     store, table = _inputs(tiles, splits)
     config = json.loads(best.read_text())
+    recipe = {k: config[k] for k in ("lr", "weight_decay", "batch_size", "augment_strength")}
     scores = {}
     for scheme, name in (("grouped", "cnn"), ("leaky", "cnn_leaky")):
-        with mlflow.start_run(
-            run_name=f"{name}-{tissue}",
-            tags={**version_tags(), "stage": "train_cnn", "tissue": tissue, "scheme": scheme},
-        ):
-            mlflow.log_params(
-                {
-                    **config["arch"],
-                    **{
-                        k: config[k]
-                        for k in ("lr", "weight_decay", "batch_size", "augment_strength")
-                    },
-                    "scheme": scheme,
-                }
-            )
+        with _stage_run(
+            f"{name}-{tissue}",
+            {"stage": "train_cnn", "tissue": tissue, "scheme": scheme},
+            {**config["arch"], **recipe, "scheme": scheme},
+        ) as tracks:
             model, result = train_cnn(
                 store, table, tissue, config, params["train"], params["augment"], scheme=scheme
             )
-            meta = {"kind": "cnn", "arch": config["arch"], "tissue": tissue, "scheme": scheme}
-            _finish(model, result, store, out_dir / f"{name}.pt", meta)
+            if tracks:
+                meta = {"kind": "cnn", "arch": config["arch"], "tissue": tissue, "scheme": scheme}
+                _finish(model, result, store, out_dir / f"{name}.pt", meta)
             scores[name] = result.best_score
     return scores
 
@@ -149,22 +163,24 @@ def run_pretrain(
     model = pretext_model(rcfg["arch"])
     train = TileDataset(store, *split_rows(store, table, tissue, "grouped", "train"))
     val = TileDataset(store, *split_rows(store, table, tissue, "grouped", "val"))
-    with mlflow.start_run(
-        run_name=f"pretext-{tissue}", tags={**version_tags(), "stage": "pretrain", "tissue": tissue}
-    ):
-        mlflow.log_params({"arch": rcfg["arch"], "task": "rotation", "epochs": cfg.epochs})
+    with _stage_run(
+        f"pretext-{tissue}",
+        {"stage": "pretrain", "tissue": tissue},
+        {"arch": rcfg["arch"], "task": "rotation", "epochs": cfg.epochs},
+    ) as tracks:
         result = pretrain(model, train, val, cfg)
-        log_history(result.history)
-        save_model(
-            out,
-            model,
-            {
-                "kind": "pretext",
-                "arch": rcfg["arch"],
-                "task": "rotation",
-                "val_balanced_accuracy": result.best_score,
-            },
-        )
+        if tracks:
+            log_history(result.history)
+            save_model(
+                out,
+                model,
+                {
+                    "kind": "pretext",
+                    "arch": rcfg["arch"],
+                    "task": "rotation",
+                    "val_balanced_accuracy": result.best_score,
+                },
+            )
     return result.best_score
 
 
@@ -175,18 +191,13 @@ def run_train_resnet(
     store, table = _inputs(tiles, splits)
     rcfg = {**params["train"], **params["resnet"]}
     scores = {}
+    logged = ("arch", "freeze_epochs", "epochs", "lr", "weight_decay", "batch_size")
     for init in params["resnet"]["inits"]:
-        with mlflow.start_run(
-            run_name=f"resnet_{init}-{tissue}",
-            tags={**version_tags(), "stage": "train_resnet", "tissue": tissue, "init": init},
-        ):
-            mlflow.log_params(
-                {
-                    k: rcfg[k]
-                    for k in ("arch", "freeze_epochs", "epochs", "lr", "weight_decay", "batch_size")
-                }
-                | {"init": init}
-            )
+        with _stage_run(
+            f"resnet_{init}-{tissue}",
+            {"stage": "train_resnet", "tissue": tissue, "init": init},
+            {k: rcfg[k] for k in logged} | {"init": init},
+        ) as tracks:
             model, result = train_resnet(
                 store,
                 table,
@@ -196,8 +207,9 @@ def run_train_resnet(
                 params["augment"],
                 pretext_path=pretext if init == "pretext" else None,
             )
-            meta = {"kind": "resnet", "arch": rcfg["arch"], "init": init, "tissue": tissue}
-            _finish(model, result, store, out_dir / f"resnet_{init}.pt", meta)
+            if tracks:
+                meta = {"kind": "resnet", "arch": rcfg["arch"], "init": init, "tissue": tissue}
+                _finish(model, result, store, out_dir / f"resnet_{init}.pt", meta)
             scores[f"resnet_{init}"] = result.best_score
     return scores
 

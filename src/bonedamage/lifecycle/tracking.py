@@ -7,12 +7,17 @@ remote ``mlflow server``). Every run carries the data version (the DVC hashes of
 traced to the exact data and code that produced it. Telemetry is off. A tracking server
 that does not answer stops a command at once (:class:`TrackingError`), before it has
 written anything: MLflow's client would retry it for minutes first.
+
+A killed stage cannot end its run, which MLflow would show as RUNNING for ever. Runs are
+tagged with the host and process id that own them, and the next tracked command on the
+same host marks the runs of processes that are gone as KILLED.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import subprocess
 import urllib.error
@@ -29,6 +34,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow
 import optuna
+from mlflow.tracking import MlflowClient
+
+from bonedamage.atomic import pid_alive
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -84,8 +92,36 @@ def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
         else:
             artifacts = (repo / cfg["artifacts"]).resolve().as_uri()
         mlflow.create_experiment(name, artifact_location=artifacts)
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    end_orphaned_runs(experiment.experiment_id)
     return uri
+
+
+def process_tags() -> dict[str, str]:
+    """The host and process that own a run (see :func:`end_orphaned_runs`)."""
+    return {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``experiment_id`` whose owning process (tags from
+    :func:`process_tags`) no longer exists on this host; return their ids.
+
+    Runs of other hosts, of live processes and without owner tags are left alone.
+    """
+    host = process_tags()["process.host"].replace("'", "")
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+        max_results=1000,
+    )
+    ended = []
+    for run in running:
+        pid = run.data.tags.get("process.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def _dvc_out_md5(stage_file: Path, path: str) -> str | None:
@@ -100,8 +136,9 @@ def _dvc_out_md5(stage_file: Path, path: str) -> str | None:
 
 
 def version_tags(repo: Path = Path()) -> dict[str, str]:
-    """Data and code version of this run: DVC hashes and the git commit."""
+    """Data and code version of this run (DVC hashes, git commit) and its owner process."""
     tags = {
+        **process_tags(),
         "data.raw_md5": _dvc_out_md5(repo / "data.dvc", "data/raw"),
         "data.tiles_md5": _dvc_out_md5(repo / "dvc.lock", "data/tiles"),
         "data.splits_md5": _dvc_out_md5(repo / "dvc.lock", "data/splits.parquet"),
@@ -142,7 +179,11 @@ class MlflowSearchHooks:
         mlflow.start_run(
             run_name=f"trial-{trial.number:03d}",
             nested=True,
-            tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)},
+            tags={
+                "optuna.study": trial.study.study_name,
+                "optuna.trial": str(trial.number),
+                **process_tags(),
+            },
         )
         mlflow.log_params(params)
 
