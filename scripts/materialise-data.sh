@@ -24,4 +24,8 @@ else
   fi
   rm -f "$recorded"
   echo "== data/raw rebuilt: identical to the version in data.dvc"
+  # .ci/run: the tests may take these freshly synthesised phantoms (BONEDAMAGE_SYNTH_DATA)
+  if [ -n "${BONEDAMAGE_SYNTH_DONE:-}" ]; then
+    printf '%s\n' "$PWD/data/raw" > "$BONEDAMAGE_SYNTH_DONE"
+  fi
 fi

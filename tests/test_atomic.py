@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from bonedamage.atomic import atomic_dir, atomic_path, remove_stale_siblings, write_text_atomic
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
 
 # Writes a file into an atomic staging folder of ``out`` (argv[1]), says so, then waits to be
 # killed: the staging folder stays behind, as after a SIGKILLed ``tile`` or ``explain``.
@@ -46,9 +50,9 @@ def test_a_killed_writer_leaves_no_target_and_the_next_writer_removes_its_leftov
     out = tmp_path / "tiles"
     pid, left = killed_writer(out)
     assert not out.exists() and not (tmp_path / "index.json").exists()
-    # .<target>.<pid>.<random>.tmp
+    # .<target>.<pid>-<host>.<random>.tmp
     prefixes = [p.name[: p.name.rindex(".", 0, -4)] for p in left]
-    assert prefixes == [f".index.json.{pid}", f".tiles.{pid}"], left
+    assert prefixes == [f".index.json.{pid}-{HOST}", f".tiles.{pid}-{HOST}"], left
 
     with atomic_dir(out) as staging:
         (staging / "chunk.npy").write_bytes(b"whole")
@@ -65,16 +69,17 @@ def test_only_leftovers_of_dead_processes_of_the_same_target_are_removed(
     dead.wait()
     live = os.getpid()
     names = {
-        f".tiles.{dead.pid}.abc123_x.tmp": False,  # a killed writer of `tiles`: removed
-        f".tiles.{live}.abc123_x.tmp": True,  # a writer still running: kept
-        f".tiles.7.{dead.pid}.abc123_x.tmp": True,  # a writer of `tiles.7`: not ours
+        f".tiles.{dead.pid}-{HOST}.abc123_x.tmp": False,  # a killed writer of `tiles`: removed
+        f".tiles.{live}-{HOST}.abc123_x.tmp": True,  # a writer still running: kept
+        f".tiles.{dead.pid}-not-{HOST}.abc123_x.tmp": True,  # another host's: not judged
+        f".tiles.7.{dead.pid}-{HOST}.abc123_x.tmp": True,  # a writer of `tiles.7`: not ours
         ".tiles.old.tmp": True,  # no process id: not ours to judge
-        f".other.{dead.pid}.abc123_x.tmp": True,  # another target
+        f".other.{dead.pid}-{HOST}.abc123_x.tmp": True,  # another target
     }
     for name in names:
         (tmp_path / name).mkdir()
     removed = remove_stale_siblings(tmp_path / "tiles")
-    assert [p.name for p in removed] == [f".tiles.{dead.pid}.abc123_x.tmp"]
+    assert [p.name for p in removed] == [f".tiles.{dead.pid}-{HOST}.abc123_x.tmp"]
     assert {n: (tmp_path / n).exists() for n in names} == names
 
 

@@ -35,7 +35,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Held-out (val + test) balanced accuracy of the 2-process model may differ from the
 # 1-process one by TOLERANCE. Two processes take other steps (other batches per BatchNorm,
-# a shard order) and end like a run with another seed: one-process runs with 8 seeds on
+# a shard order) and end about like a run with another seed: one-process runs with 8 seeds on
 # this data spread over 0.76-0.88 (cnn, 128 held-out tiles of 2 specimens) and 0.86-0.95
 # (cnn_leaky, 76 tiles). Chance is 0.5.
 TOLERANCE = 0.15

@@ -369,7 +369,9 @@ def test_pipeline_is_deterministic_survives_kills_and_tracks_alike_on_a_server(
     partial: dict[str, dict[str, bytes]] = {}  # outputs a killed stage left, by path
     with running(server, child_env(tmp_path), f"{url}/health", tmp_path / "server.log"):
         env = child_env(tmp_path, url)
-        b = make_project(tmp_path / "b", params_text, env, workers=2)
+        # its own local artifact folder (not a DVC param): the server must leave it unused
+        small["mlflow"]["artifacts"] = str(tmp_path / "b-local-artifacts")
+        b = make_project(tmp_path / "b", yaml.safe_dump(small, sort_keys=False), env, workers=2)
 
         # tile: chunk files staged in a temporary sibling of data/tiles, no index written yet
         def tile_landed() -> bool:
@@ -456,9 +458,10 @@ def test_pipeline_is_deterministic_survives_kills_and_tracks_alike_on_a_server(
     assert champions_b == champions(store_a) and len(champions_b) == 3
     assert served_b == champion_probabilities(store_a, a) and len(served_b) == 4
     assert not [r for r in runs_a + runs_b if r.info.status == "RUNNING"]
+    # the search was killed mid-trial, inside its run (train_cnn may fall between two runs)
     killed = {r.data.tags.get("stage") for r in runs_b if r.info.status == "KILLED"}
-    assert {"search", "train_cnn"} <= killed, killed
+    assert "search" in killed, killed
     assert not [r for r in runs_a if r.info.status == "KILLED"]
     # B's artifacts went to the server's artifact root, nothing to a local store
     assert any((tmp_path / "server-artifacts").rglob("MLmodel"))
-    assert not (b / "mlflow.db").exists()
+    assert not (b / "mlflow.db").exists() and not (tmp_path / "b-local-artifacts").exists()

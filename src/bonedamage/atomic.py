@@ -2,9 +2,11 @@
 
 A killed or failing writer never leaves a half-written file under the final name, so
 DVC never caches a truncated output and a re-run starts clean. A SIGKILLed writer cannot
-remove its temporary sibling; the name carries the writer's process id
-(``.<name>.<pid>.<random>.tmp``), and the next writer of the same target removes the
-siblings whose process is gone on this machine (live ones may be concurrent writers).
+remove its temporary sibling; the name carries the writer's process id and host
+(``.<name>.<pid>-<host>.<random>.tmp``), and the next writer of the same target removes
+the siblings of processes that are gone from this host. Live ones may be concurrent
+writers, and another host's (on a shared file system) cannot be judged from here; hosts
+that share a name must not share a pid namespace (containers writing one checkout).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,17 +32,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This host's name as it appears in temporary names (no dots)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
 def remove_stale_siblings(target: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary siblings of ``target`` left by writers that were killed; return
-    them. A sibling is stale when the process id in its name no longer exists."""
+    them. A sibling is stale when its name carries this host and a process id that no
+    longer exists here."""
     target = Path(target)
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-([A-Za-z0-9-]+)\.[^.]+\.tmp")
     removed = []
     if not target.parent.is_dir():
         return removed
     for sibling in target.parent.iterdir():
         match = pattern.fullmatch(sibling.name)
-        if match is None or pid_alive(int(match[1])):
+        if match is None or match[2] != _host() or pid_alive(int(match[1])):
             continue
         if sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
@@ -50,7 +59,7 @@ def remove_stale_siblings(target: str | os.PathLike[str]) -> list[Path]:
 
 
 def _prefix(target: Path) -> str:
-    return f".{target.name}.{os.getpid()}."
+    return f".{target.name}.{os.getpid()}-{_host()}."
 
 
 @contextlib.contextmanager

@@ -106,19 +106,22 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs of ``experiment_id`` whose owning process (tags from
     :func:`process_tags`) no longer exists on this host; return their ids.
 
-    Runs of other hosts, of live processes and without owner tags are left alone.
+    Runs of other hosts, of live processes and without owner tags are left alone. Hosts
+    must not share a name across pid namespaces (containers with the host's UTS namespace
+    but their own pids tracking to one server): a live run there could look orphaned.
     """
-    host = process_tags()["process.host"].replace("'", "")
+    owner = process_tags()
     client = MlflowClient()
     running = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
-        max_results=1000,
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
     )
     ended = []
     for run in running:
-        pid = run.data.tags.get("process.pid", "")
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        tags = run.data.tags
+        pid = tags.get("process.pid", "")
+        if tags.get("process.host") != owner["process.host"] or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and not pid_alive(int(pid)):
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
     return ended
