@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bonedamage.atomic import atomic_dir, atomic_path, remove_stale_siblings, write_text_atomic
+from bonedamage.atomic import (
+    atomic_dir,
+    atomic_path,
+    host_label,
+    remove_stale_siblings,
+    write_text_atomic,
+)
 
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+HOST = host_label()
 
 # Writes a file into an atomic staging folder of ``out`` (argv[1]), says so, then waits to be
 # killed: the staging folder stays behind, as after a SIGKILLed ``tile`` or ``explain``.

@@ -32,7 +32,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _host() -> str:
+def host_label() -> str:
     """This host's name as it appears in temporary names (no dots)."""
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 
@@ -43,12 +43,12 @@ def remove_stale_siblings(target: str | os.PathLike[str]) -> list[Path]:
     longer exists here."""
     target = Path(target)
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-([A-Za-z0-9-]+)\.[^.]+\.tmp")
-    removed = []
+    removed, host = [], host_label()
     if not target.parent.is_dir():
         return removed
     for sibling in target.parent.iterdir():
         match = pattern.fullmatch(sibling.name)
-        if match is None or match[2] != _host() or pid_alive(int(match[1])):
+        if match is None or match[2] != host or pid_alive(int(match[1])):
             continue
         if sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
@@ -59,7 +59,7 @@ def remove_stale_siblings(target: str | os.PathLike[str]) -> list[Path]:
 
 
 def _prefix(target: Path) -> str:
-    return f".{target.name}.{os.getpid()}-{_host()}."
+    return f".{target.name}.{os.getpid()}-{host_label()}."
 
 
 @contextlib.contextmanager
