@@ -1,12 +1,13 @@
 """Benchmark training: the real data loader against pre-loaded tensors, and pruning's savings.
 
-    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8]
+    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8] [--pruner KIND]
 
 Needs the tile store and splits of the default pipeline (``dvc repro split``).
 1. Throughput: tiles/s of the searched-space CNN trained through the real loader
    (chunked tile store, per-item normalisation and augmentation) against the same model
    and batches from tensors already in memory; prints the ratio (goal >= 0.9).
-2. Pruning: the same Optuna trial budget with the median pruner and without; prints the
+2. Pruning: the same Optuna trial budget with the pruner of ``search.pruner`` (or
+   ``--pruner``: median, percentile, hyperband) and without; prints the
    epochs spent and the best validation balanced accuracy of each (goal: at most half
    the epochs, the same best accuracy within 1 point).
 Figures only, no pass/fail.
@@ -77,9 +78,11 @@ def throughput(
     print(f"ratio           {rates['real loader'] / rates['pre-loaded']:8.2f}  (goal >= 0.9)")
 
 
-def pruning(params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, trials: int) -> None:
+def pruning(
+    params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, trials: int, pruner: str
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("median", "none"):
+        for kind in (pruner, "none"):
             cfg = copy.deepcopy(params["search"])
             cfg.update(
                 n_trials=trials,
@@ -93,7 +96,7 @@ def pruning(params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, t
             )
             s = search.summary(study)
             print(
-                f"pruner {kind:6s}   epochs {s['epochs_spent']:4d}  best val balanced "
+                f"pruner {kind:10s}   epochs {s['epochs_spent']:4d}  best val balanced "
                 f"accuracy {s['best_value']:.4f}  states {s['states']}  "
                 f"{time.perf_counter() - t0:.0f} s"
             )
@@ -105,6 +108,11 @@ def main() -> None:
     parser.add_argument("--tissue", default="trabecular")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument(
+        "--pruner",
+        choices=("median", "percentile", "hyperband"),
+        help="pruner compared with none (default: params.yaml search.pruner.kind)",
+    )
     parser.add_argument("--tiles", default="data/tiles")
     parser.add_argument("--splits", default="data/splits.parquet")
     args = parser.parse_args()
@@ -113,7 +121,8 @@ def main() -> None:
     print("== throughput")
     throughput(params, store, splits, args.tissue, args.epochs)
     print("== pruning")
-    pruning(params, store, splits, args.tissue, args.trials)
+    pruner = args.pruner or params["search"]["pruner"]["kind"]
+    pruning(params, store, splits, args.tissue, args.trials, pruner)
 
 
 if __name__ == "__main__":

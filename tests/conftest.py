@@ -160,7 +160,8 @@ def learn_params(params: dict[str, Any]) -> dict[str, Any]:
     """params.yaml shrunk for learning tests: 16 px tiles, 1-2 epochs, few trials."""
     p = copy.deepcopy(params)
     p["synth"] = small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0])
-    p["tile"]["tile_um"] = {"cortical": 25.6, "trabecular": 320.0}
+    # every 4th plane, whatever the default: the learning tests' data stay the same
+    p["tile"].update(tile_um={"cortical": 25.6, "trabecular": 320.0}, slice_stride=4)
     p["validate"]["min_tiles_per_class"] = 1
     p["train"].update(epochs=2, patience=2, threads=1)
     p["search"].update(n_trials=3, epochs=2, n_startup_trials=2, timeout_s=None)
@@ -257,3 +258,53 @@ def cli_params(_scratch_store_params: Path, monkeypatch: pytest.MonkeyPatch) -> 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# -- MLflow isolation --------------------------------------------------------------------
+# ``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI, and ``tracking.configure`` prefers
+# that variable to the params it is given: a store one test (or module fixture) configured
+# would otherwise receive every later test's runs and models, the repository's own
+# mlflow.db included. Both scopes put the URI, the variables and the experiment back.
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def _repo_store(uri: str | None) -> bool:
+    return bool(uri) and uri.removeprefix("sqlite:///") == str(REPO / "mlflow.db")
+
+
+@contextlib.contextmanager
+def mlflow_state_kept(where: str) -> Iterator[None]:
+    """Put MLflow's tracking URI, its variables and the experiment back on exit; fail when
+    ``where`` left them on the repository's own store."""
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    env = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    uri, experiment = utils._tracking_uri, fluent._active_experiment_id
+    try:
+        yield
+    finally:
+        leaked = os.environ.get("MLFLOW_TRACKING_URI")
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        utils._tracking_uri, fluent._active_experiment_id = uri, experiment
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if _repo_store(leaked) and not _repo_store(env["MLFLOW_TRACKING_URI"]):
+            pytest.fail(f"{where} pointed MLflow at the repository's own store {leaked}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_isolated_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    with mlflow_state_kept(request.module.__name__):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_isolated_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    with mlflow_state_kept(request.node.nodeid):
+        yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import urllib.request
@@ -112,6 +113,63 @@ def test_resnets_take_one_channel(arch: str) -> None:
     assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
     assert models.gradcam_target_layer(model) is model.layer4[-1]
     assert models.pretext_model(arch).fc.out_features == 4
+
+
+def first_block_size(model: torch.nn.Module, px: int) -> tuple[int, int]:
+    seen = []
+    hook = model.layer1.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, px, px))
+    hook.remove()
+    return tuple(seen[0][-2:])
+
+
+def test_fine_stem_keeps_twice_the_resolution_and_takes_imagenet_weights(
+    tmp_path: Path,
+) -> None:
+    assert first_block_size(models.build_resnet("resnet18"), 64) == (16, 16)
+    fine = models.build_resnet("resnet18", stem="fine")
+    assert fine.conv1.stride == (1, 1) and first_block_size(fine, 64) == (32, 32)
+    assert models.pretext_model("resnet18", "fine").conv1.stride == (1, 1)
+    state = imagenet_like(tmp_path / "w.pth")  # same weight shapes: ImageNet weights fit
+    model = models.resnet_from_init(
+        "resnet18", "imagenet", weights_path=tmp_path / "w.pth", stem="fine"
+    )
+    assert model.conv1.stride == (1, 1)
+    assert torch.equal(model.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
+    with pytest.raises(ValueError, match=r"stem 'wide'.*fine"):
+        models.build_resnet("resnet18", stem="wide")
+
+
+def test_build_module_rebuilds_a_saved_model_from_its_sidecar(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    fine = models.build_resnet("resnet18", stem="fine").eval()
+    torch.save(fine.state_dict(), tmp_path / "r.pt")
+    meta = {"kind": "resnet", "arch": "resnet18", "stem": "fine"}
+    loaded = models.build_module(meta, tmp_path / "r.pt")
+    x = torch.rand(2, 1, 64, 64)
+    assert not loaded.training and loaded.conv1.stride == (1, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fine(x))
+    old = models.build_module({"kind": "resnet", "arch": "resnet18"})  # sidecars before stems
+    assert old.conv1.stride == (2, 2) and old.training
+    with pytest.raises(RuntimeError, match="size mismatch"):  # weights of another arch
+        models.build_module({"kind": "resnet", "arch": "resnet50"}, tmp_path / "r.pt")
+    cnn = models.build_module({"kind": "cnn", "arch": ARCH})
+    assert isinstance(cnn, models.CNN)
+    pretext = models.build_module({"kind": "pretext", "arch": "resnet18", "stem": "fine"})
+    assert pretext.fc.out_features == 4 and pretext.conv1.stride == (1, 1)
+    with pytest.raises(WeightsError, match="kind 'vit'"):
+        models.build_module({"kind": "vit", "arch": "vit_b_16"})
+
+
+def test_pretext_weights_of_another_stem_are_refused(tmp_path: Path) -> None:
+    """A stride-2 backbone fits a stride-1 stem shape for shape: only the sidecar tells."""
+    torch.save(models.pretext_model("resnet18").state_dict(), tmp_path / "p.pt")
+    (tmp_path / "p.json").write_text(json.dumps({"kind": "pretext", "arch": "resnet18"}))
+    models.resnet_from_init("resnet18", "pretext", pretext_path=tmp_path / "p.pt")
+    with pytest.raises(WeightsError, match=r"p\.pt: pretrained as resnet18 with stem 'imagenet'"):
+        models.resnet_from_init("resnet18", "pretext", pretext_path=tmp_path / "p.pt", stem="fine")
 
 
 def imagenet_like(path: Path) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, free_port, mlflow_cli, running, small_synth
+from conftest import REPO, free_port, mlflow_cli, mlflow_state_kept, running, small_synth
 
 pytestmark = pytest.mark.slow  # ~3 minutes; still part of the default `pytest -q`
 
@@ -329,13 +329,12 @@ def champion_probabilities(uri: str, project: Path) -> list[float]:
     rows = index[index["scan_id"] == index.loc[index["tissue"] == TISSUE, "scan_id"].iloc[0]]
     raw = np.stack([store.raw(int(i)) for i in rows.index[:4]])
     lo, hi = (float(v) for v in rows[["norm_lo", "norm_hi"]].iloc[0])
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    # not set_tracking_uri(get_tracking_uri()) afterwards: with nothing set, that exports
+    # MLflow's default, the repository's own mlflow.db, to every later test
+    with mlflow_state_kept("champion_probabilities"):
+        mlflow.set_tracking_uri(uri)
         model = load_classifier(f"models:/bonedamage-{TISSUE}@champion")
         return model.classify(raw, lo, hi)["prob_failed"].tolist()
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_pipeline_is_deterministic_survives_kills_and_tracks_alike_on_a_server(

@@ -14,8 +14,8 @@ import tifffile
 
 from bonedamage.data.tilestore import TileStore
 from bonedamage.explain import gradcam, report
+from bonedamage.learn.models import build_module
 from bonedamage.lifecycle import tracking
-from bonedamage.lifecycle.pyfunc import build_module
 from conftest import tiny_metrics, write_tiny_models
 
 TISSUE = "trabecular"

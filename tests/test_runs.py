@@ -45,6 +45,27 @@ def test_stage_outputs_are_weights_only_state_dicts_with_sidecars(trained) -> No
     assert model.fc.out_features == 2
 
 
+def test_the_fine_stem_goes_from_pretext_to_the_saved_resnet(trained, learn_data) -> None:
+    """resnet.stem reaches the pretext model, the fine-tuned ResNets, their sidecars and
+    MLflow params, and load_model rebuilds a stride-1 first convolution from the sidecar."""
+    tmp, params = trained
+    params = {**params, "resnet": {**params["resnet"], "stem": "fine", "inits": ["pretext"]}}
+    models = tmp / "fine"
+    runs.run_pretrain(params, "trabecular", *learn_data, models / "pretext.pt")
+    runs.run_train_resnet(
+        params, "trabecular", *learn_data, models / "pretext.pt", models / "resnet"
+    )
+    for name in ("pretext", "resnet/resnet_pretext"):
+        assert json.loads((models / f"{name}.json").read_text())["stem"] == "fine"
+    assert runs.load_model(models / "resnet" / "resnet_pretext.pt").conv1.stride == (1, 1)
+    run = mlflow.search_runs(
+        filter_string="tags.stage = 'train_resnet'", order_by=["start_time DESC"], max_results=1
+    ).iloc[0]
+    assert run["params.stem"] == "fine"
+    old = runs.load_model(tmp / "models" / "trabecular" / "resnet" / "resnet_pretext.pt")
+    assert old.conv1.stride == (2, 2)  # the default stem: imagenet
+
+
 def test_evaluate_writes_every_model_and_is_deterministic(trained, learn_data) -> None:
     tmp, params = trained
     models = tmp / "models" / "trabecular"

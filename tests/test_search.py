@@ -197,3 +197,19 @@ def test_storage_urls_and_pruners(tmp_path: Path) -> None:
     assert isinstance(search.make_pruner({"kind": "hyperband"}, 5), optuna.pruners.HyperbandPruner)
     with pytest.raises(ValueError, match="pruner"):
         search.make_pruner({"kind": "nope"}, 5)
+
+
+@pytest.mark.parametrize(("kind", "pruned"), [("median", False), ("percentile", True)])
+def test_percentile_pruner_keeps_only_the_top_quarter(kind: str, pruned: bool) -> None:
+    cfg = {"kind": kind, "percentile": 25, "n_startup_trials": 0, "n_warmup_steps": 0}
+    study = optuna.create_study(direction="maximize", pruner=search.make_pruner(cfg, 4))
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for value in (0.5, 0.6, 0.7, 0.8):  # median 0.65, top-quarter cut 0.725
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": value}, distributions=dist, value=value, intermediate_values={0: value}
+            )
+        )
+    trial = study.ask()
+    trial.report(0.72, 0)
+    assert bool(trial.should_prune()) is pruned

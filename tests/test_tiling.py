@@ -132,14 +132,14 @@ def test_other_planes_and_the_slice_stride(small_dataset: Path, cfg: dict, tmp_p
     index = tile_dataset(
         small_dataset,
         tmp_path / "t",
-        dict(cfg, planes=["axial", "sagittal"], slice_stride=8),
+        dict(cfg, planes=["axial", "sagittal"], slice_stride=3),
         progress=False,
     )
     assert set(index["plane"]) == {"axial", "sagittal"}
     axial = index[index.plane == "axial"]
-    assert set(axial["z"] % 8) == {0}
+    assert set(axial["z"] % 3) == {0} and axial["z"].nunique() > 1
     sagittal = index[index.plane == "sagittal"]
-    assert set(sagittal["x"] % 8) == {0} and sagittal["z"].max() > 0
+    assert set(sagittal["x"] % 3) == {0} and sagittal["z"].max() > 0
 
 
 def test_planes_per_tissue(small_dataset: Path, cfg: dict, tmp_path) -> None:

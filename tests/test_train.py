@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +74,30 @@ def test_early_stopping_and_callbacks(learn_data) -> None:
 
     with pytest.raises(StopError):
         fit(build_cnn(ARCH), *loaders(learn_data), cfg, on_epoch=stop)
+
+
+def test_cosine_schedule_decays_the_steps_to_nothing(learn_data) -> None:
+    """Per-epoch weight change: steady at a constant rate, vanishing at the end of a cosine."""
+
+    def steps(schedule: str) -> list[float]:
+        seed_everything(3, 1)
+        model = build_cnn({**ARCH, "norm": "none"})
+        snapshots = [torch.cat([p.detach().flatten() for p in model.parameters()])]
+
+        def snap(_epoch: int, _metrics: dict) -> None:
+            snapshots.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+        cfg = TrainConfig(
+            epochs=4, patience=4, device="cpu", lr=1e-3, threads=1, lr_schedule=schedule
+        )
+        fit(model, *loaders(learn_data), cfg, on_epoch=snap)
+        return [float((b - a).norm()) for a, b in itertools.pairwise(snapshots)]
+
+    constant, cosine = steps("constant"), steps("cosine")
+    assert cosine[-1] < 0.2 * cosine[0]  # last epoch's lr is within 15 % of zero
+    assert constant[-1] > 0.3 * constant[0]
+    with pytest.raises(ValueError, match=r"lr_schedule 'step'.*cosine"):
+        TrainConfig(lr_schedule="step")
 
 
 def test_device_resolution() -> None:

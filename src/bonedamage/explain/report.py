@@ -33,8 +33,8 @@ from bonedamage.data.tiling import damage_masks
 from bonedamage.explain import gradcam
 from bonedamage.learn.data import split_rows
 from bonedamage.learn.evaluate import THRESHOLD, write_json
+from bonedamage.learn.models import build_module
 from bonedamage.learn.train import seed_everything
-from bonedamage.lifecycle.pyfunc import build_module
 from bonedamage.lifecycle.registry import Candidate, candidates
 from bonedamage.lifecycle.tracking import version_tags
 

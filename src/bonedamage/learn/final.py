@@ -88,6 +88,7 @@ def train_resnet(
         init,
         weights_path=resnet_cfg.get("weights_path"),
         pretext_path=pretext_path,
+        stem=resnet_cfg.get("stem", "imagenet"),
     )
     freeze = int(resnet_cfg.get("freeze_epochs", 0)) if init != "scratch" else 0
 

@@ -24,6 +24,7 @@ Modules stay plain ``nn.Module`` classes with stable submodule names (``features
 
 from __future__ import annotations
 
+import json
 import numbers
 import pickle
 import re
@@ -35,7 +36,10 @@ import torch
 import torchvision
 from torch import nn
 
+from bonedamage.config import ConfigError
+
 RESNET_ARCHS = ("resnet18", "resnet50")
+RESNET_STEMS = ("imagenet", "fine")
 INITS = ("imagenet", "pretext", "scratch")
 _IMAGENET_WEIGHTS = {  # reading ``.url`` downloads nothing: it names torchvision's cache file
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
@@ -162,21 +166,31 @@ def _check_resnet_arch(arch: str) -> None:
         raise ValueError(f"resnet arch {arch!r} is unknown: choose from {list(RESNET_ARCHS)}")
 
 
-def build_resnet(arch: str = "resnet18", num_classes: int = 2) -> nn.Module:
-    """torchvision ResNet with random weights, one input channel and ``num_classes`` outputs."""
+def build_resnet(arch: str = "resnet18", num_classes: int = 2, stem: str = "imagenet") -> nn.Module:
+    """torchvision ResNet with random weights, one input channel and ``num_classes`` outputs.
+
+    ``stem``: ``imagenet`` keeps the stride-2 first convolution (with the max pooling, the
+    first block sees 1/4 of the tile's resolution: 16 px of a 64 px tile); ``fine`` makes
+    it stride 1, so the first block sees 1/2 (32 px) and 1-2 px cracks survive the stem,
+    for about 4x the compute. Weight shapes are the same, so ImageNet weights load into both.
+    """
     _check_resnet_arch(arch)
+    if stem not in RESNET_STEMS:
+        raise ConfigError(
+            f"resnet stem {stem!r} is unknown: choose from {list(RESNET_STEMS)} "
+            "(params.yaml resnet.stem, or a saved model's sidecar)"
+        )
     model = getattr(torchvision.models, arch)(weights=None)  # weights=None: never downloads
     old = model.conv1
-    model.conv1 = nn.Conv2d(
-        1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
-    )
+    stride = 1 if stem == "fine" else old.stride
+    model.conv1 = nn.Conv2d(1, old.out_channels, old.kernel_size, stride, old.padding, bias=False)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
-def pretext_model(arch: str = "resnet18") -> nn.Module:
+def pretext_model(arch: str = "resnet18", stem: str = "imagenet") -> nn.Module:
     """The ResNet with a 4-way head: rotation prediction (0, 90, 180, 270 degrees)."""
-    return build_resnet(arch, num_classes=4)
+    return build_resnet(arch, num_classes=4, stem=stem)
 
 
 def _load_error_detail(exc: Exception) -> str:
@@ -229,6 +243,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: not a state dict (entries that are not str -> Tensor: {bad[:3]})"
         )
     return dict(obj)
+
+
+def build_module(meta: Mapping[str, Any], weights: str | Path | None = None) -> nn.Module:
+    """The module a saved model's JSON sidecar describes (CNN or ResNet); with ``weights``
+    (a state-dict file, read with ``weights_only=True``) loaded and in eval mode."""
+    kind = meta.get("kind")
+    if kind == "cnn":
+        model = build_cnn(meta["arch"])
+    elif kind in ("resnet", "pretext"):
+        classes = 4 if kind == "pretext" else 2  # pretext: the rotation head
+        model = build_resnet(meta["arch"], classes, stem=meta.get("stem", "imagenet"))
+    else:
+        raise WeightsError(f"model kind {kind!r} is unknown: expected cnn, resnet or pretext")
+    if weights is None:
+        return model
+    model.load_state_dict(load_state_dict_file(weights))
+    return model.eval()
 
 
 def imagenet_cache_path(arch: str) -> Path:
@@ -307,6 +338,7 @@ def resnet_from_init(
     num_classes: int = 2,
     weights_path: str | Path | None = None,
     pretext_path: str | Path | None = None,
+    stem: str = "imagenet",
 ) -> nn.Module:
     """A ResNet classifier initialised from ImageNet, the pretext task, or at random.
 
@@ -314,11 +346,11 @@ def resnet_from_init(
     conv summed to one channel, everything but ``fc`` loaded strictly. ``pretext``: the
     backbone of a state dict saved from :func:`pretext_model` (``pretext_path``).
     ``scratch``: torch's default random init (seeding is the caller's job). The ``fc``
-    head is always fresh.
+    head is always fresh; ``stem`` as in :func:`build_resnet`.
     """
     if init not in INITS:
         raise ValueError(f"resnet init {init!r} is unknown: choose from {list(INITS)}")
-    model = build_resnet(arch, num_classes)
+    model = build_resnet(arch, num_classes, stem)
     if init == "imagenet":
         state = imagenet_state_dict(arch, weights_path)
         source = str(weights_path or imagenet_cache_path(arch))
@@ -333,8 +365,25 @@ def resnet_from_init(
                 f"pretext weights not found at {pretext_path}: run the `pretrain` stage first "
                 "(dvc repro pretrain, or bonedamage pretrain --tissue ...)"
             )
+        _check_pretext_sidecar(Path(pretext_path), arch, stem)
         _load_backbone(model, load_state_dict_file(pretext_path), str(pretext_path))
     return model
+
+
+def _check_pretext_sidecar(path: Path, arch: str, stem: str) -> None:
+    """Refuse pretext weights whose sidecar names another arch or stem: a stride-2 backbone
+    loads into a stride-1 stem without a shape error, so only the sidecar can tell."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return
+    meta = json.loads(sidecar.read_text())
+    found = (meta.get("arch", arch), meta.get("stem", "imagenet"))
+    if found != (arch, stem):
+        raise WeightsError(
+            f"{path}: pretrained as {found[0]} with stem {found[1]!r} ({sidecar.name}), but "
+            f"the ResNet is {arch} with stem {stem!r}: re-run the pretrain stage "
+            "(dvc repro pretrain) after changing resnet.arch or resnet.stem"
+        )
 
 
 def _head(model: nn.Module) -> nn.Module:

@@ -24,12 +24,19 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bonedamage.config import ConfigError
 from bonedamage.learn import distributed
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; ``device`` is ``auto``, ``cpu`` or ``cuda``."""
+    """Optimisation settings; ``device`` is ``auto``, ``cpu`` or ``cuda``.
+
+    ``lr_schedule``: ``constant``, or ``cosine`` (the learning rate decays per step from
+    ``lr`` to 0 over ``epochs``, so the last epochs settle instead of jumping around).
+    """
 
     epochs: int = 10
     batch_size: int = 64
@@ -40,6 +47,14 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     threads: int = 2
+    lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lr_schedule {self.lr_schedule!r} is unknown: choose from {list(LR_SCHEDULES)} "
+                "(params.yaml train.lr_schedule)"
+            )
 
     @classmethod
     def from_params(cls, cfg: dict[str, Any], **overrides: Any) -> TrainConfig:
@@ -105,10 +120,15 @@ def fit(
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    train = distributed.shard(train, cfg.seed)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * max(len(train), 1))
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss()
     best = FitResult(copy.deepcopy(model.state_dict()), -1, -1.0)
     stale, start = 0, time.perf_counter()
-    train = distributed.shard(train, cfg.seed)
     net, trainable = model, ()  # what trains: ``model``, or its DDP wrapper under torchrun
     for epoch in range(cfg.epochs):
         if before_epoch is not None:
@@ -130,6 +150,8 @@ def fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach()) * len(y)
             count += len(y)
         total, count = distributed.all_sum(total, count)

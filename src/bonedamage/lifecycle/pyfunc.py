@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from bonedamage.data.tilestore import normalize
-from bonedamage.learn.models import build_cnn, build_resnet, load_state_dict_file
+from bonedamage.learn.models import build_module
 from bonedamage.lifecycle import tracking  # noqa: F401 - MLflow quiet and offline
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -52,13 +52,6 @@ class RequestError(MlflowException, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def build_module(meta: dict[str, Any], weights: Path) -> torch.nn.Module:
-    """The torch module a sidecar describes, with its weights, in eval mode."""
-    model = build_cnn(meta["arch"]) if meta["kind"] == "cnn" else build_resnet(meta["arch"])
-    model.load_state_dict(load_state_dict_file(weights))
-    return model.eval()
 
 
 class TileClassifier(mlflow.pyfunc.PythonModel):

@@ -27,7 +27,7 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.learn import baseline, distributed, evaluate, search
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.final import save_model, train_cnn, train_resnet
-from bonedamage.learn.models import build_cnn, build_resnet, load_state_dict_file, pretext_model
+from bonedamage.learn.models import build_module, pretext_model
 from bonedamage.learn.pretext import pretrain
 from bonedamage.learn.train import (
     FitResult,
@@ -77,6 +77,7 @@ def run_search(
             {
                 "n_trials": cfg["n_trials"],
                 "epochs": cfg["epochs"],
+                "lr_schedule": params["train"].get("lr_schedule", "constant"),
                 "storage": cfg["storage"],
                 "pruner": json.dumps(cfg["pruner"]),
                 "space": json.dumps(cfg["space"], sort_keys=True),
@@ -112,12 +113,13 @@ def run_train_cnn(
     store, table = _inputs(tiles, splits)
     config = json.loads(best.read_text())
     recipe = {k: config[k] for k in ("lr", "weight_decay", "batch_size", "augment_strength")}
+    schedule = params["train"].get("lr_schedule", "constant")
     scores = {}
     for scheme, name in (("grouped", "cnn"), ("leaky", "cnn_leaky")):
         with _stage_run(
             f"{name}-{tissue}",
             {"stage": "train_cnn", "tissue": tissue, "scheme": scheme},
-            {**config["arch"], **recipe, "scheme": scheme},
+            {**config["arch"], **recipe, "scheme": scheme, "lr_schedule": schedule},
         ) as tracks:
             model, result = train_cnn(
                 store, table, tissue, config, params["train"], params["augment"], scheme=scheme
@@ -160,13 +162,20 @@ def run_pretrain(
         {**params["train"], **rcfg}, epochs=rcfg["pretext_epochs"], patience=rcfg["pretext_epochs"]
     )
     seed_everything(cfg.seed, cfg.threads)
-    model = pretext_model(rcfg["arch"])
+    stem = rcfg.get("stem", "imagenet")
+    model = pretext_model(rcfg["arch"], stem)
     train = TileDataset(store, *split_rows(store, table, tissue, "grouped", "train"))
     val = TileDataset(store, *split_rows(store, table, tissue, "grouped", "val"))
     with _stage_run(
         f"pretext-{tissue}",
         {"stage": "pretrain", "tissue": tissue},
-        {"arch": rcfg["arch"], "task": "rotation", "epochs": cfg.epochs},
+        {
+            "arch": rcfg["arch"],
+            "stem": stem,
+            "task": "rotation",
+            "epochs": cfg.epochs,
+            "lr_schedule": cfg.lr_schedule,
+        },
     ) as tracks:
         result = pretrain(model, train, val, cfg)
         if tracks:
@@ -177,6 +186,7 @@ def run_pretrain(
                 {
                     "kind": "pretext",
                     "arch": rcfg["arch"],
+                    "stem": stem,
                     "task": "rotation",
                     "val_balanced_accuracy": result.best_score,
                 },
@@ -191,7 +201,10 @@ def run_train_resnet(
     store, table = _inputs(tiles, splits)
     rcfg = {**params["train"], **params["resnet"]}
     scores = {}
-    logged = ("arch", "freeze_epochs", "epochs", "lr", "weight_decay", "batch_size")
+    rcfg.setdefault("stem", "imagenet")
+    rcfg.setdefault("lr_schedule", "constant")
+    logged = ("arch", "stem", "freeze_epochs", "epochs", "lr", "lr_schedule", "weight_decay")
+    logged += ("batch_size",)
     for init in params["resnet"]["inits"]:
         with _stage_run(
             f"resnet_{init}-{tissue}",
@@ -208,7 +221,8 @@ def run_train_resnet(
                 pretext_path=pretext if init == "pretext" else None,
             )
             if tracks:
-                meta = {"kind": "resnet", "arch": rcfg["arch"], "init": init, "tissue": tissue}
+                meta = {"kind": "resnet", "arch": rcfg["arch"], "stem": rcfg["stem"]}
+                meta |= {"init": init, "tissue": tissue}
                 _finish(model, result, store, out_dir / f"resnet_{init}.pt", meta)
             scores[f"resnet_{init}"] = result.best_score
     return scores
@@ -216,10 +230,7 @@ def run_train_resnet(
 
 def load_model(path: Path) -> torch.nn.Module:
     """Rebuild a saved model from its JSON sidecar and state dict (weights_only load)."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    model = build_cnn(meta["arch"]) if meta["kind"] == "cnn" else build_resnet(meta["arch"])
-    model.load_state_dict(load_state_dict_file(path))
-    return model.eval()
+    return build_module(json.loads(path.with_suffix(".json").read_text()), path)
 
 
 def _frame(
