@@ -234,30 +234,14 @@ def _scratch_store_params(tmp_path_factory: pytest.TempPathFactory, params: dict
 
 
 @pytest.fixture
-def cli_params(_scratch_store_params: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def cli_params(_scratch_store_params: Path) -> Path:
     """params.yaml whose MLflow store is a scratch SQLite file, for tracked CLI commands.
 
-    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which the next
-    ``tracking.configure`` honours: the URI, that variable and the active experiment are
-    put back after the test, so no later test writes to this store (or the repo's).
+    ``tracking.configure`` prefers ``MLFLOW_TRACKING_URI`` to the params, so it is unset
+    here; the autouse MLflow isolation below puts it, the URI and the experiment back.
     """
-    import mlflow
-    from mlflow.tracking import fluent
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    uri_before = utils._tracking_uri
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # configure() would prefer it to params
-    try:
-        yield _scratch_store_params
-    finally:
-        mlflow.set_tracking_uri(uri_before)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return _scratch_store_params
 
 
 # -- MLflow isolation --------------------------------------------------------------------
