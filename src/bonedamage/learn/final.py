@@ -19,7 +19,12 @@ from torch import nn
 from bonedamage.atomic import atomic_path, write_text_atomic
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
-from bonedamage.learn.models import build_cnn, resnet_from_init, set_backbone_trainable
+from bonedamage.learn.models import (
+    DEFAULT_STEM,
+    build_cnn,
+    resnet_from_init,
+    set_backbone_trainable,
+)
 from bonedamage.learn.train import EpochCallback, FitResult, TrainConfig, fit, seed_everything
 
 
@@ -88,7 +93,7 @@ def train_resnet(
         init,
         weights_path=resnet_cfg.get("weights_path"),
         pretext_path=pretext_path,
-        stem=resnet_cfg.get("stem", "imagenet"),
+        stem=resnet_cfg.get("stem", DEFAULT_STEM),
     )
     freeze = int(resnet_cfg.get("freeze_epochs", 0)) if init != "scratch" else 0
 

@@ -40,6 +40,7 @@ from bonedamage.config import ConfigError
 
 RESNET_ARCHS = ("resnet18", "resnet50")
 RESNET_STEMS = ("imagenet", "fine")
+DEFAULT_STEM = RESNET_STEMS[0]  # torchvision's own stride-2 first convolution
 INITS = ("imagenet", "pretext", "scratch")
 _IMAGENET_WEIGHTS = {  # reading ``.url`` downloads nothing: it names torchvision's cache file
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
@@ -166,7 +167,9 @@ def _check_resnet_arch(arch: str) -> None:
         raise ValueError(f"resnet arch {arch!r} is unknown: choose from {list(RESNET_ARCHS)}")
 
 
-def build_resnet(arch: str = "resnet18", num_classes: int = 2, stem: str = "imagenet") -> nn.Module:
+def build_resnet(
+    arch: str = "resnet18", num_classes: int = 2, stem: str = DEFAULT_STEM
+) -> nn.Module:
     """torchvision ResNet with random weights, one input channel and ``num_classes`` outputs.
 
     ``stem``: ``imagenet`` keeps the stride-2 first convolution (with the max pooling, the
@@ -188,7 +191,7 @@ def build_resnet(arch: str = "resnet18", num_classes: int = 2, stem: str = "imag
     return model
 
 
-def pretext_model(arch: str = "resnet18", stem: str = "imagenet") -> nn.Module:
+def pretext_model(arch: str = "resnet18", stem: str = DEFAULT_STEM) -> nn.Module:
     """The ResNet with a 4-way head: rotation prediction (0, 90, 180, 270 degrees)."""
     return build_resnet(arch, num_classes=4, stem=stem)
 
@@ -253,7 +256,7 @@ def build_module(meta: Mapping[str, Any], weights: str | Path | None = None) -> 
         model = build_cnn(meta["arch"])
     elif kind in ("resnet", "pretext"):
         classes = 4 if kind == "pretext" else 2  # pretext: the rotation head
-        model = build_resnet(meta["arch"], classes, stem=meta.get("stem", "imagenet"))
+        model = build_resnet(meta["arch"], classes, stem=meta.get("stem", DEFAULT_STEM))
     else:
         raise WeightsError(f"model kind {kind!r} is unknown: expected cnn, resnet or pretext")
     if weights is None:
@@ -338,7 +341,7 @@ def resnet_from_init(
     num_classes: int = 2,
     weights_path: str | Path | None = None,
     pretext_path: str | Path | None = None,
-    stem: str = "imagenet",
+    stem: str = DEFAULT_STEM,
 ) -> nn.Module:
     """A ResNet classifier initialised from ImageNet, the pretext task, or at random.
 
@@ -377,7 +380,7 @@ def _check_pretext_sidecar(path: Path, arch: str, stem: str) -> None:
     if not sidecar.is_file():
         return
     meta = json.loads(sidecar.read_text())
-    found = (meta.get("arch", arch), meta.get("stem", "imagenet"))
+    found = (meta.get("arch", arch), meta.get("stem", DEFAULT_STEM))
     if found != (arch, stem):
         raise WeightsError(
             f"{path}: pretrained as {found[0]} with stem {found[1]!r} ({sidecar.name}), but "

@@ -27,7 +27,7 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.learn import baseline, distributed, evaluate, search
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.final import save_model, train_cnn, train_resnet
-from bonedamage.learn.models import build_module, pretext_model
+from bonedamage.learn.models import DEFAULT_STEM, build_module, pretext_model
 from bonedamage.learn.pretext import pretrain
 from bonedamage.learn.train import (
     FitResult,
@@ -41,6 +41,11 @@ from bonedamage.lifecycle.tracking import MlflowSearchHooks, log_history, versio
 
 def _inputs(tiles: Path, splits: Path) -> tuple[TileStore, pd.DataFrame]:
     return TileStore(tiles), pd.read_parquet(splits)
+
+
+def _lr_schedule(params: dict[str, Any]) -> str:
+    """The learning-rate schedule of every training run (``train.lr_schedule``)."""
+    return TrainConfig.from_params(params["train"]).lr_schedule
 
 
 @contextmanager
@@ -77,7 +82,7 @@ def run_search(
             {
                 "n_trials": cfg["n_trials"],
                 "epochs": cfg["epochs"],
-                "lr_schedule": params["train"].get("lr_schedule", "constant"),
+                "lr_schedule": _lr_schedule(params),
                 "storage": cfg["storage"],
                 "pruner": json.dumps(cfg["pruner"]),
                 "space": json.dumps(cfg["space"], sort_keys=True),
@@ -113,7 +118,7 @@ def run_train_cnn(
     store, table = _inputs(tiles, splits)
     config = json.loads(best.read_text())
     recipe = {k: config[k] for k in ("lr", "weight_decay", "batch_size", "augment_strength")}
-    schedule = params["train"].get("lr_schedule", "constant")
+    schedule = _lr_schedule(params)
     scores = {}
     for scheme, name in (("grouped", "cnn"), ("leaky", "cnn_leaky")):
         with _stage_run(
@@ -162,7 +167,7 @@ def run_pretrain(
         {**params["train"], **rcfg}, epochs=rcfg["pretext_epochs"], patience=rcfg["pretext_epochs"]
     )
     seed_everything(cfg.seed, cfg.threads)
-    stem = rcfg.get("stem", "imagenet")
+    stem = rcfg.get("stem", DEFAULT_STEM)
     model = pretext_model(rcfg["arch"], stem)
     train = TileDataset(store, *split_rows(store, table, tissue, "grouped", "train"))
     val = TileDataset(store, *split_rows(store, table, tissue, "grouped", "val"))
@@ -199,10 +204,9 @@ def run_train_resnet(
 ) -> dict[str, float]:
     """Fine-tune one ResNet per init in ``resnet.inits``."""
     store, table = _inputs(tiles, splits)
-    rcfg = {**params["train"], **params["resnet"]}
+    defaults = {"stem": DEFAULT_STEM, "lr_schedule": _lr_schedule(params)}
+    rcfg = {**defaults, **params["train"], **params["resnet"]}
     scores = {}
-    rcfg.setdefault("stem", "imagenet")
-    rcfg.setdefault("lr_schedule", "constant")
     logged = ("arch", "stem", "freeze_epochs", "epochs", "lr", "lr_schedule", "weight_decay")
     logged += ("batch_size",)
     for init in params["resnet"]["inits"]:
