@@ -41,6 +41,14 @@ TINY_ARCH = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test files with a ``slow`` test first, each file's tests kept in order: under
+    ``pytest -n 2 --dist worksteal`` (scripts/run-tests.sh) the longest ones start at once
+    instead of ending the run on one worker while the other idles."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # a stable sort
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
