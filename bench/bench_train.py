@@ -1,15 +1,16 @@
 """Benchmark training: the real data loader against pre-loaded tensors, and pruning's savings.
 
-    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8] [--pruner KIND]
+    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8]
+                                [--trial-epochs N] [--pruner median,percentile,hyperband]
 
 Needs the tile store and splits of the default pipeline (``dvc repro split``).
 1. Throughput: tiles/s of the searched-space CNN trained through the real loader
    (chunked tile store, per-item normalisation and augmentation) against the same model
    and batches from tensors already in memory; prints the ratio (goal >= 0.9).
-2. Pruning: the same Optuna trial budget with the pruner of ``search.pruner`` (or
-   ``--pruner``: median, percentile, hyperband) and without; prints the
-   epochs spent and the best validation balanced accuracy of each (goal: at most half
-   the epochs, the same best accuracy within 1 point).
+2. Pruning: the same Optuna trial budget (``--trials`` of ``--trial-epochs`` epochs)
+   without a pruner, then with the pruner of ``search.pruner`` (or each of ``--pruner``);
+   prints the epochs spent and the best validation balanced accuracy of each against no
+   pruning (goal: at most half the epochs, the same best accuracy within 1 point).
 Figures only, no pass/fail.
 """
 
@@ -79,13 +80,21 @@ def throughput(
 
 
 def pruning(
-    params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, trials: int, pruner: str
+    params: dict,
+    store: TileStore,
+    splits: pd.DataFrame,
+    tissue: str,
+    trials: int,
+    trial_epochs: int | None,
+    pruners: list[str],
 ) -> None:
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in (pruner, "none"):
+        for kind in ("none", *pruners):
             cfg = copy.deepcopy(params["search"])
             cfg.update(
                 n_trials=trials,
+                epochs=trial_epochs or cfg["epochs"],
                 storage=str(Path(tmp) / f"{kind}.journal"),
                 timeout_s=None,
                 pruner={**cfg["pruner"], "kind": kind},
@@ -94,11 +103,14 @@ def pruning(
             study = search.run_search(
                 store, splits, tissue, cfg, params["train"], params["augment"]
             )
-            s = search.summary(study)
+            s = results[kind] = search.summary(study)
+            ratio = s["epochs_spent"] / results["none"]["epochs_spent"]
+            diff = s["best_value"] - results["none"]["best_value"]
             print(
-                f"pruner {kind:10s}   epochs {s['epochs_spent']:4d}  best val balanced "
-                f"accuracy {s['best_value']:.4f}  states {s['states']}  "
-                f"{time.perf_counter() - t0:.0f} s"
+                f"pruner {kind:10s}   epochs {s['epochs_spent']:4d} ({ratio:.2f} of none; goal "
+                f"<= 0.5)  best val balanced accuracy {s['best_value']:.4f} ({diff:+.4f} vs "
+                f"none; goal >= -0.01)  states {s['states']}  {time.perf_counter() - t0:.0f} s",
+                flush=True,
             )
 
 
@@ -106,23 +118,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tissue", default="trabecular")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="throughput epochs (0: skip)")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument(
+        "--trial-epochs", type=int, help="epochs per trial (default: params.yaml search.epochs)"
+    )
+    parser.add_argument(
         "--pruner",
-        choices=("median", "percentile", "hyperband"),
-        help="pruner compared with none (default: params.yaml search.pruner.kind)",
+        help="pruners compared with none, comma-separated: median, percentile, hyperband "
+        "(default: params.yaml search.pruner.kind)",
     )
     parser.add_argument("--tiles", default="data/tiles")
     parser.add_argument("--splits", default="data/splits.parquet")
     args = parser.parse_args()
     params = load_params(args.params)
     store, splits = TileStore(args.tiles), pd.read_parquet(args.splits)
-    print("== throughput")
-    throughput(params, store, splits, args.tissue, args.epochs)
+    if args.epochs:
+        print("== throughput")
+        throughput(params, store, splits, args.tissue, args.epochs)
     print("== pruning")
-    pruner = args.pruner or params["search"]["pruner"]["kind"]
-    pruning(params, store, splits, args.tissue, args.trials, pruner)
+    pruners = (args.pruner or params["search"]["pruner"]["kind"]).split(",")
+    pruning(params, store, splits, args.tissue, args.trials, args.trial_epochs, pruners)
 
 
 if __name__ == "__main__":
