@@ -48,7 +48,9 @@ def device_settings(name: str, train_cfg: dict) -> dict:
     raise SystemExit(f"unknown device {name!r}")
 
 
-def test_scores(model: torch.nn.Module, store: TileStore, splits: pd.DataFrame, tissue: str) -> str:
+def held_out_scores(
+    model: torch.nn.Module, store: TileStore, splits: pd.DataFrame, tissue: str
+) -> str:
     data = TileDataset(store, *split_rows(store, splits, tissue, "grouped", "test"))
     device = next(model.parameters()).device
     prob, labels = predict(model, make_loader(data, 256, shuffle=False), device)
@@ -101,7 +103,7 @@ def train_best_cnn(
     result = fit_on_split(model, store, splits, tissue, "grouped", augment, cfg)
     print(
         f"  cnn {epochs} epochs {result.seconds:6.1f} s  best val {result.best_score:.4f} "
-        f"(epoch {result.best_epoch})  {test_scores(model, store, splits, tissue)}",
+        f"(epoch {result.best_epoch})  {held_out_scores(model, store, splits, tissue)}",
         flush=True,
     )
 
@@ -127,7 +129,7 @@ def train_scratch_resnet(
     print(
         f"  resnet {stem:8s} {epochs} epochs {result.seconds:6.1f} s  best val "
         f"{result.best_score:.4f} (epoch {result.best_epoch})  "
-        f"{test_scores(model, store, splits, tissue)}",
+        f"{held_out_scores(model, store, splits, tissue)}",
         flush=True,
     )
 
