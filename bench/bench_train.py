@@ -1,14 +1,16 @@
 """Benchmark training: the real data loader against pre-loaded tensors, and pruning's savings.
 
     python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8]
-                                [--trial-epochs N] [--pruner median,percentile,hyperband]
+                                [--trial-epochs N]
+                                [--pruner median,percentile,hyperband,successive_halving:4]
 
 Needs the tile store and splits of the default pipeline (``dvc repro split``).
 1. Throughput: tiles/s of the searched-space CNN trained through the real loader
    (chunked tile store, per-item normalisation and augmentation) against the same model
    and batches from tensors already in memory; prints the ratio (goal >= 0.9).
 2. Pruning: the same Optuna trial budget (``--trials`` of ``--trial-epochs`` epochs)
-   without a pruner, then with the pruner of ``search.pruner`` (or each of ``--pruner``);
+   without a pruner, then with the pruner of ``search.pruner`` (or each of ``--pruner``;
+   ``kind:N`` sets a Hyperband or successive-halving ``reduction_factor`` of N);
    prints the epochs spent and the best validation balanced accuracy of each against no
    pruning (goal: at most half the epochs, the same best accuracy within 1 point).
 Figures only, no pass/fail.
@@ -90,24 +92,27 @@ def pruning(
 ) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("none", *pruners):
+        for name in ("none", *pruners):
+            kind, _, eta = name.partition(":")
             cfg = copy.deepcopy(params["search"])
             cfg.update(
                 n_trials=trials,
                 epochs=trial_epochs or cfg["epochs"],
-                storage=str(Path(tmp) / f"{kind}.journal"),
+                storage=str(Path(tmp) / f"{kind}-{eta}.journal"),
                 timeout_s=None,
                 pruner={**cfg["pruner"], "kind": kind},
             )
+            if eta:
+                cfg["pruner"]["reduction_factor"] = int(eta)
             t0 = time.perf_counter()
             study = search.run_search(
                 store, splits, tissue, cfg, params["train"], params["augment"]
             )
-            s = results[kind] = search.summary(study)
+            s = results[name] = search.summary(study)
             ratio = s["epochs_spent"] / results["none"]["epochs_spent"]
             diff = s["best_value"] - results["none"]["best_value"]
             print(
-                f"pruner {kind:10s}   epochs {s['epochs_spent']:4d} ({ratio:.2f} of none; goal "
+                f"pruner {name:20s} epochs {s['epochs_spent']:4d} ({ratio:.2f} of none; goal "
                 f"<= 0.5)  best val balanced accuracy {s['best_value']:.4f} ({diff:+.4f} vs "
                 f"none; goal >= -0.01)  states {s['states']}  {time.perf_counter() - t0:.0f} s",
                 flush=True,
@@ -125,8 +130,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--pruner",
-        help="pruners compared with none, comma-separated: median, percentile, hyperband "
-        "(default: params.yaml search.pruner.kind)",
+        help="pruners compared with none, comma-separated: median, percentile, hyperband, "
+        "successive_halving; kind:N sets the reduction factor (default: params.yaml "
+        "search.pruner.kind)",
     )
     parser.add_argument("--tiles", default="data/tiles")
     parser.add_argument("--splits", default="data/splits.parquet")

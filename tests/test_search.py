@@ -213,3 +213,35 @@ def test_percentile_pruner_keeps_only_the_top_quarter(kind: str, pruned: bool) -
     trial = study.ask()
     trial.report(0.72, 0)
     assert bool(trial.should_prune()) is pruned
+
+
+@pytest.mark.parametrize(
+    ("reduction_factor", "step", "value", "pruned"),
+    [
+        (2, 0, 0.1, False),  # before the first rung (step min_resource = 1): never pruned
+        (2, 1, 0.7, False),  # top half of 0.5, 0.6, 0.8 and itself: promoted
+        (2, 1, 0.55, True),
+        (4, 1, 0.7, True),  # top quarter: only the best of four goes on
+    ],
+)
+def test_successive_halving_keeps_the_top_share_at_each_rung(
+    reduction_factor: int, step: int, value: float, pruned: bool
+) -> None:
+    cfg = {"kind": "successive_halving", "min_resource": 1, "reduction_factor": reduction_factor}
+    pruner = search.make_pruner(cfg, 8)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for done in (0.5, 0.6, 0.8):  # what earlier trials scored at the first rung
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": done},
+                distributions=dist,
+                value=done,
+                intermediate_values={0: done, 1: done},
+                system_attrs={"completed_rung_0": done},
+            )
+        )
+    trial = study.ask()
+    trial.report(value, step)
+    assert bool(trial.should_prune()) is pruned

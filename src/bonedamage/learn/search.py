@@ -171,21 +171,33 @@ def storage_from(url: str) -> optuna.storages.BaseStorage | str:
 def make_pruner(cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePruner:
     """The pruner of ``search.pruner``: ``median``; ``percentile`` (keeps the trials in the
     top ``percentile`` % at each epoch: 25 prunes harder than the median's 50);
-    ``hyperband``; ``none``."""
+    ``hyperband``; ``successive_halving`` (one Hyperband bracket: at epochs
+    ``min_resource`` x ``reduction_factor``^k it keeps the top 1 / ``reduction_factor``);
+    ``none``."""
     kind = cfg.get("kind", "median")
     warmup = {
         "n_startup_trials": int(cfg.get("n_startup_trials", 3)),
         "n_warmup_steps": int(cfg.get("n_warmup_steps", 1)),
+    }
+    # Steps are 0-based epochs: a rung at step 1 compares trials after their second epoch.
+    rungs = {
+        "min_resource": int(cfg.get("min_resource", 1)),
+        "reduction_factor": int(cfg.get("reduction_factor", 3)),
     }
     if kind == "median":
         return optuna.pruners.MedianPruner(**warmup)
     if kind == "percentile":
         return optuna.pruners.PercentilePruner(float(cfg.get("percentile", 25.0)), **warmup)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+        return optuna.pruners.HyperbandPruner(max_resource=epochs, **rungs)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**rungs)
     if kind == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"search.pruner.kind={kind!r}: use median, percentile, hyperband or none")
+    raise ValueError(
+        f"search.pruner.kind={kind!r}: use median, percentile, hyperband, successive_halving "
+        "or none"
+    )
 
 
 def fingerprint(store: TileStore, *configs: dict[str, Any]) -> str:
