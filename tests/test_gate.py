@@ -16,6 +16,7 @@ CFG = {
     "tissues": ["cortical", "trabecular"],
     "models": ["cnn", "baseline"],
     "metrics": {"balanced_accuracy": 0.02, "roc_auc": 0.02},
+    "cross_platform": {"balanced_accuracy": 0.08, "roc_auc": 0.05},
 }
 METRICS = {
     "cnn": {"balanced_accuracy": 0.95, "roc_auc": 0.98, "scan_rule": "mean"},
@@ -155,6 +156,64 @@ def test_a_baseline_folder_instead_of_a_revision(repo: Path, tmp_path: Path) -> 
     report = gate.run_gate(repo, CFG, baseline_dir=base)
     assert [r.verdict for r in report.regressions] == ["REGRESSION"] * 2
     assert not report.same_inputs  # no lock file to compare with
+
+
+AMD = {"torch": "2.14.1", "device": "cpu AVX2", "cpu": "AuthenticAMD family 25 model 1"}
+INTEL = {"torch": "2.14.1", "device": "cpu AVX512", "cpu": "GenuineIntel family 6 model 106"}
+
+
+def on(platform: dict, metrics: dict) -> dict:
+    return {**metrics, "platform": platform}
+
+
+@pytest.fixture
+def amd_repo(repo: Path) -> Path:
+    write(repo, {t: on(AMD, METRICS) for t in CFG["tissues"]}, lock())
+    git(repo, "commit", "-qam", "results made on the AMD machine")
+    return repo
+
+
+def test_the_same_platform_still_requires_exact_reproduction(amd_repo: Path) -> None:
+    write(amd_repo, {"cortical": on(AMD, changed(0.949)), "trabecular": on(AMD, METRICS)}, lock())
+    report = gate.run_gate(amd_repo, CFG)
+    assert report.same_inputs and report.same_platform
+    assert [r.model for r in report.not_reproduced] == ["cnn"] and not report.passed
+
+
+def test_another_platform_is_held_to_the_cross_platform_tolerances(amd_repo: Path) -> None:
+    # the same inputs on an Intel CPU: -0.05 would fail the 0.02 tolerance, not the 0.08 one
+    write(
+        amd_repo, {"cortical": on(INTEL, changed(0.90)), "trabecular": on(INTEL, METRICS)}, lock()
+    )
+    report = gate.run_gate(amd_repo, CFG)
+    assert report.same_inputs and not report.same_platform
+    assert report.passed and not report.not_reproduced
+    row = next(r for r in report.rows if r.verdict == "within tolerance")
+    assert (row.tissue, row.model, row.tolerance) == ("cortical", "cnn", 0.08)
+    text = report.to_markdown()
+    assert "Platform differs" in text and "GenuineIntel family 6 model 106" in text
+    saved = json.loads(report.to_json())
+    assert saved["same_platform"] is False and saved["platforms"]["new"] == INTEL
+    # ... and a real regression still fails there
+    write(
+        amd_repo, {"cortical": on(INTEL, changed(0.85)), "trabecular": on(INTEL, METRICS)}, lock()
+    )
+    assert [r.tissue for r in gate.run_gate(amd_repo, CFG).regressions] == ["cortical"]
+
+
+def test_no_cross_platform_tolerances_is_an_error_naming_the_setting(amd_repo: Path) -> None:
+    write(amd_repo, {t: on(INTEL, METRICS) for t in CFG["tissues"]}, lock())
+    cfg = {k: v for k, v in CFG.items() if k != "cross_platform"}
+    with pytest.raises(gate.GateError, match=r"gate\.cross_platform: missing"):
+        gate.run_gate(amd_repo, cfg)
+    assert gate.run_gate(amd_repo, CFG).passed
+
+
+def test_a_platform_recorded_on_one_side_only_counts_as_another(repo: Path) -> None:
+    write(repo, {t: on(AMD, METRICS) for t in CFG["tissues"]}, lock())
+    report = gate.run_gate(repo, CFG)  # the committed baseline recorded none
+    assert not report.same_platform and report.passed
+    assert "not recorded" in report.to_markdown()
 
 
 def test_the_repo_gate_names_what_evaluate_writes(params: dict) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from bonedamage.learn.train import numerics_platform, resolve_device
 from bonedamage.lifecycle import runs, tracking
 
 
@@ -79,7 +80,10 @@ def test_evaluate_writes_every_model_and_is_deterministic(trained, learn_data) -
         "baseline",
         *(f"resnet_{i}" for i in params["resnet"]["inits"]),
     }
-    assert set(results) == expected == set(json.loads(out_a.read_text()))
+    written = json.loads(out_a.read_text())
+    assert set(results) == expected == set(written) - {"platform"}
+    device = resolve_device(params["train"]["device"])
+    assert written["platform"] == numerics_platform(device)
     for metrics in results.values():
         for key in (
             "accuracy",
@@ -97,3 +101,5 @@ def test_evaluate_writes_every_model_and_is_deterministic(trained, learn_data) -
     stages = {r.data.tags.get("stage") for r in logged}
     assert {"search", "train_cnn", "pretrain", "train_resnet", "evaluate"} <= stages
     assert all(r.data.tags.get("data.raw_md5") for r in logged if r.data.tags.get("stage"))
+    evaluated = [r for r in logged if r.data.tags.get("stage") == "evaluate"]
+    assert evaluated[0].data.tags["platform.device"] == written["platform"]["device"]

@@ -12,7 +12,14 @@ import torch
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
-from bonedamage.learn.train import TrainConfig, fit, predict, resolve_device, seed_everything
+from bonedamage.learn.train import (
+    TrainConfig,
+    fit,
+    numerics_platform,
+    predict,
+    resolve_device,
+    seed_everything,
+)
 from conftest import TINY_ARCH as ARCH
 
 
@@ -106,3 +113,12 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_device("cuda")
+
+
+def test_the_numerics_platform_names_the_cpu_and_its_instruction_set() -> None:
+    got = numerics_platform(torch.device("cpu"))
+    assert got["torch"] == torch.__version__
+    assert got["device"] == f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    assert got["cpu"] and got["machine"] and got["threads"] == str(torch.get_num_threads())
+    if Path("/proc/cpuinfo").is_file():
+        assert " family " in got["cpu"] and " model " in got["cpu"]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -57,7 +58,7 @@ def test_ci_run_and_the_workflow_run_the_same_commands() -> None:
         "scripts/ci-pipeline.sh learn",
         "scripts/ci-pipeline.sh explain",
         "bonedamage gate --rev HEAD",
-        "metrics registry dvc.lock data.dvc",
+        "scripts/check-reproduction.sh",
     )
     for text in (ci, workflow):
         at = [text.find(command) for command in commands]
@@ -85,3 +86,60 @@ def test_ci_phases_force_every_stage_of_the_pipeline_once_in_order() -> None:
     expanded = [name for p in patterns for name in listed if fnmatch.fnmatchcase(name, p)]
     assert expanded == listed
     assert "--force --single-item --glob" in script
+
+
+def _reproduction_repo(tmp_path: Path) -> Path:
+    """A committed lock with a data stage and a learning stage, as in a fresh CI clone."""
+    repo = tmp_path / "clone"
+    (repo / "metrics").mkdir(parents=True)
+    stages = {
+        "tile": {"cmd": "bonedamage tile", "outs": [{"path": "data/tiles", "md5": "t1"}]},
+        "evaluate@cortical": {"cmd": "bonedamage evaluate", "outs": [{"path": "m", "md5": "m1"}]},
+    }
+    (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+    (repo / "metrics" / "cortical.json").write_text('{"cnn": {"accuracy": 0.9}}\n')
+    for args in (["init", "-q"], ["add", "-A"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "c"],
+        cwd=repo,
+        check=True,
+    )
+    return repo
+
+
+def _check(repo: Path, same_platform: bool, edit: tuple[str, str]) -> subprocess.CompletedProcess:
+    lock = repo / "dvc.lock"
+    lock.write_text(lock.read_text().replace(*edit))
+    (repo / "metrics" / "cortical.json").write_text('{"cnn": {"accuracy": 0.8}}\n')
+    gate_json = repo / "gate.json"
+    gate_json.write_text('{"same_platform": %s}' % ("true" if same_platform else "false"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "check-reproduction.sh"), str(gate_json), "diff.txt"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("same_platform", "edit", "passes"),
+    [
+        (True, ("m1", "m2"), False),  # the same platform: every byte must come back
+        (False, ("m1", "m2"), True),  # another CPU: other models and metrics are expected
+        (False, ("t1", "t2"), False),  # ... but never other tiles
+    ],
+)
+def test_the_reproduction_check_is_exact_on_the_committed_platform_only(
+    tmp_path: Path, same_platform: bool, edit: tuple[str, str], passes: bool
+) -> None:
+    repo = _reproduction_repo(tmp_path)
+    done = _check(repo, same_platform, edit)
+    assert (done.returncode == 0) is passes, done.stdout + done.stderr
+    if not passes:
+        assert "differ from the committed ones" in done.stderr
+    if edit[0] == "t1":
+        assert "stage tile differs" in (repo / "diff.txt").read_text()

@@ -12,10 +12,12 @@ DistributedDataParallel (:mod:`bonedamage.learn.distributed`); without it nothin
 from __future__ import annotations
 
 import copy
+import platform
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +85,44 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use 'auto'")
     return torch.device(name)
+
+
+def _cpu_model() -> str:
+    """Vendor, family and model of the CPU (Linux /proc/cpuinfo; else ``platform``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            break  # the first processor's block ends at a blank line
+        fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get("vendor_id", ""), fields.get("cpu family", ""), fields.get("model", "")]
+    if not any(parts):
+        return platform.processor() or platform.machine()
+    return "{} family {} model {}".format(*parts)
+
+
+def numerics_platform(device: torch.device) -> dict[str, str]:
+    """What a model's floating-point results depend on besides data, code, params and seed.
+
+    MKL and oneDNN pick their kernels by CPU type and instruction set, so the same seeded
+    run gives other (equally valid) numbers on another CPU: results are reproduced
+    exactly only where all of these match.
+    """
+    if device.type == "cuda":
+        where = f"cuda {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    return {
+        "torch": torch.__version__,
+        "device": where,
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -4,8 +4,12 @@ For every tissue x model x metric that ``params.yaml`` (``gate``) names, the new
 may not drop by more than the metric's tolerance below the baseline (the metrics files
 at a git revision, ``HEAD`` by default, or a folder of baseline files). A second check
 catches reproducibility bugs: when the pipeline ran from the baseline's inputs (the same
-raw-data and code hashes and params in ``dvc.lock``), CPU metrics must come back exactly,
-so any difference then fails the gate even inside the tolerance.
+raw-data and code hashes and params in ``dvc.lock``) on the baseline's platform (the
+``platform`` entry evaluate writes: torch, device and instruction set, CPU model), CPU
+metrics must come back exactly, so any difference then fails the gate even inside the
+tolerance. On another platform MKL and oneDNN take other floating-point paths and a
+seeded training ends elsewhere, as with a new seed: the wider ``cross_platform``
+tolerances apply there, and exactness is not required.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ def compare(
 class GateReport:
     rows: list[Row]
     same_inputs: bool  # the pipeline ran from the baseline's data, code and params
+    same_platform: bool = True  # ... and on the baseline's platform (exactness expected)
+    platforms: tuple[Any, Any] = (None, None)  # baseline's, new
 
     @property
     def regressions(self) -> list[Row]:
@@ -145,7 +151,9 @@ class GateReport:
 
     @property
     def not_reproduced(self) -> list[Row]:
-        return [r for r in self.rows if self.same_inputs and r.verdict != "exact"]
+        if not (self.same_inputs and self.same_platform):
+            return []
+        return [r for r in self.rows if r.verdict != "exact"]
 
     @property
     def passed(self) -> bool:
@@ -157,6 +165,8 @@ class GateReport:
                 {
                     "passed": self.passed,
                     "same_inputs": self.same_inputs,
+                    "same_platform": self.same_platform,
+                    "platforms": {"baseline": self.platforms[0], "new": self.platforms[1]},
                     "regressions": len(self.regressions),
                     "not_reproduced": len(self.not_reproduced),
                     "rows": [asdict(r) | {"delta": r.delta} for r in self.rows],
@@ -181,8 +191,16 @@ class GateReport:
                 f"{r.delta:+.4f} | {r.tolerance:.4f} | {r.verdict} |"
             )
         lines.append("")
+        if not self.same_platform:
+            old, new = (_describe(p) for p in self.platforms)
+            lines.append(
+                f"Platform differs from the baseline's ({old} -> {new}): the same inputs take "
+                "another floating-point path there, so the cross-platform tolerances apply."
+            )
         if not self.same_inputs:
             lines.append("Inputs differ from the baseline's (data, code or params).")
+        elif not self.same_platform:
+            lines.append("Same data, code and params as the baseline.")
         elif self.not_reproduced:
             lines.append(
                 f"NOT reproduced exactly: {len(self.not_reproduced)} metric(s) differ although "
@@ -191,6 +209,17 @@ class GateReport:
         else:
             lines.append("Same data, code and params as the baseline: reproduced exactly.")
         return "\n".join(lines) + "\n"
+
+
+def _describe(platform: Any) -> str:
+    if not isinstance(platform, dict):
+        return "not recorded"
+    return ", ".join(f"{k} {v}" for k, v in sorted(platform.items()))
+
+
+def _platform(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    value = metrics.get("platform")
+    return value if isinstance(value, dict) else None
 
 
 def run_gate(
@@ -203,19 +232,30 @@ def run_gate(
 ) -> GateReport:
     """Compare ``metrics/<tissue>.json`` in the working tree with the baseline."""
     metrics_dir = metrics_dir or repo / "metrics"
-    tolerances = {str(k): float(v) for k, v in cfg["metrics"].items()}
-    rows: list[Row] = []
     lock_now = (repo / LOCK).read_text() if (repo / LOCK).is_file() else None
     lock_then = git_show(rev, LOCK, repo) if baseline_dir is None and rev else None
     then, now = pipeline_inputs(lock_then), pipeline_inputs(lock_now)
+    pairs = []
     for tissue in cfg["tissues"]:
         new_path = metrics_dir / f"{tissue}.json"
         new = load_metrics(new_path.read_text() if new_path.is_file() else None, str(new_path))
-        old = read_baseline(tissue, repo, rev, baseline_dir)
+        pairs.append((tissue, read_baseline(tissue, repo, rev, baseline_dir), new, new_path))
+    platforms = (_platform(pairs[0][1]), _platform(pairs[0][2])) if pairs else (None, None)
+    # neither side recorded (older baselines): the old rule, exactness on the same inputs
+    same_platform = all(_platform(old) == _platform(new) for _, old, new, _ in pairs)
+    key = "metrics" if same_platform else "cross_platform"
+    if not isinstance(cfg.get(key), dict):
+        raise GateError(
+            f"params gate.{key}: missing (metric -> largest drop tolerated)"
+            + ("" if same_platform else "; needed because the platform differs from the baseline's")
+        )
+    tolerances = {str(k): float(v) for k, v in cfg[key].items()}
+    rows: list[Row] = []
+    for tissue, old, new, new_path in pairs:
         rows += compare(
             tissue, old, new, list(cfg["models"]), tolerances, (f"baseline {rev}", str(new_path))
         )
-    return GateReport(rows, then is not None and then == now)
+    return GateReport(rows, then is not None and then == now, same_platform, platforms)
 
 
 def write_report(report: GateReport, out_dir: Path) -> tuple[Path, Path]:

@@ -32,6 +32,7 @@ from bonedamage.learn.pretext import pretrain
 from bonedamage.learn.train import (
     FitResult,
     TrainConfig,
+    numerics_platform,
     predict,
     resolve_device,
     seed_everything,
@@ -303,14 +304,21 @@ def run_evaluate(
     results["baseline"] = score(
         "baseline", test_pos, test_y, baseline.predict_baseline(clf, store.tiles(test_pos))
     )
-    evaluate.write_json(out, results)
+    # where the numbers were made: the gate reproduces them exactly only on the same platform
+    platform = numerics_platform(device)
+    evaluate.write_json(out, {**results, "platform": platform})
     plots.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
         roc = evaluate.roc_points(frame["label"].to_numpy(), frame["prob"].to_numpy())
         write_text_atomic(plots / f"roc_{name}.csv", roc.to_csv(index=False))
     with mlflow.start_run(
         run_name=f"evaluate-{tissue}",
-        tags={**version_tags(), "stage": "evaluate", "tissue": tissue},
+        tags={
+            **version_tags(),
+            **{f"platform.{k}": v for k, v in platform.items()},
+            "stage": "evaluate",
+            "tissue": tissue,
+        },
     ):
         for name, metrics in results.items():
             mlflow.log_metrics(
