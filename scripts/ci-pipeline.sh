@@ -6,13 +6,12 @@
 #   explain  the Grad-CAM exports and localization metrics
 # Every stage is forced (--force --single-item, in dvc.yaml's order): outputs committed to
 # git (metrics, search results, registry records) are really recomputed, not skipped.
+# `scripts/ci-pipeline.sh PHASE --list` prints the phase's stage patterns and runs nothing.
 # tests/test_workflow.py checks that the three phases cover dvc.yaml's stages, in order.
-source "$(dirname "$0")/env.sh"
 set -euo pipefail
-phase="${1:?usage: scripts/ci-pipeline.sh data|learn|explain}"
+phase="${1:?usage: scripts/ci-pipeline.sh data|learn|explain [--list]}"
 case "$phase" in
   data)
-    bash "$(dirname "$0")/materialise-data.sh"
     stages=(describe tile split validate) ;;
   learn)
     stages=('search@*' 'train_cnn@*' 'pretrain@*' 'train_resnet@*' 'evaluate@*' 'register@*'
@@ -23,4 +22,12 @@ case "$phase" in
     echo "error: unknown phase '$phase' (data, learn or explain)" >&2
     exit 2 ;;
 esac
+if [ "${2:-}" = "--list" ]; then
+  printf '%s\n' "${stages[@]}"
+  exit 0
+fi
+source "$(dirname "$0")/env.sh"
+if [ "$phase" = data ]; then
+  bash "$(dirname "$0")/materialise-data.sh"
+fi
 dvc repro --force --single-item --glob "${stages[@]}"
