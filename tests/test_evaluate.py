@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn import metrics as skm
 
 from bonedamage.learn import evaluate as ev
 
@@ -130,6 +131,35 @@ def test_bootstrap_one_wrong_specimen() -> None:
     assert hi == pytest.approx(1.0)
     assert 0.6 <= lo <= 0.85
     assert lo <= 0.9 <= hi
+
+
+def _sklearn_bootstrap(y, p, g, metric, n_boot, seed):
+    """The resample-by-resample reference: scikit-learn on each resample's tiles."""
+    score = {"accuracy": skm.accuracy_score, "balanced_accuracy": skm.balanced_accuracy_score}
+    _, codes = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+        if metric == "accuracy" or len(np.unique(y[idx])) == 2:
+            values.append(score[metric](y[idx], (p[idx] > 0.5).astype(int)))
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi), len(values)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
+@pytest.mark.parametrize("n_specimens", [12, 3])
+def test_bootstrap_from_counts_equals_sklearn_per_resample(metric: str, n_specimens: int) -> None:
+    # summed confusion counts give scikit-learn's values exactly, one-class resamples
+    # (frequent with 3 specimens) skipped alike
+    y, p, g = _specimen_data(seed=4)
+    keep = np.isin(g, np.unique(g)[:n_specimens])
+    y, p, g = y[keep], p[keep], g[keep]
+    lo, hi, defined = _sklearn_bootstrap(y, p, g, metric, 400, 9)
+    assert ev.bootstrap_ci(y, p, g, metric, n_boot=400, seed=9) == (lo, hi)
+    if (metric, n_specimens) == ("balanced_accuracy", 3):
+        assert defined < 350  # a quarter of the resamples hold one class: skipped
 
 
 def test_bootstrap_skips_undefined_resamples() -> None:

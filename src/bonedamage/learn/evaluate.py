@@ -71,6 +71,20 @@ _BOOT_METRICS: dict[str, tuple[Callable[..., float], Callable[..., bool]]] = {
     "recall": (lambda y, d, _p: skm.recall_score(y, d), _any_true),
 }
 
+# The same two metrics from a resample's summed confusion counts (columns tn, fp, fn, tp),
+# all resamples at once: scikit-learn's values on the resampled tiles, bit for bit (tested),
+# without its per-call input checks, which took ~15 s of an evaluation (5000 calls).
+_COUNT_METRICS: dict[str, tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]] = {
+    "accuracy": (
+        lambda c: (c[:, 0] + c[:, 3]) / c.sum(1),
+        lambda c: c.sum(1) > 0,
+    ),
+    "balanced_accuracy": (
+        lambda c: (c[:, 0] / (c[:, 0] + c[:, 1]) + c[:, 3] / (c[:, 2] + c[:, 3])) / 2,
+        lambda c: (c[:, 0] + c[:, 1] > 0) & (c[:, 2] + c[:, 3] > 0),
+    ),
+}
+
 
 def _check(y_true: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validated copies: labels in {0, 1}, finite probabilities in [0, 1], same length."""
@@ -146,19 +160,39 @@ def bootstrap_ci(
     _, codes = np.unique(groups, return_inverse=True)
     order = np.argsort(codes, kind="stable")
     members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
-    fn, defined = _BOOT_METRICS[metric]
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
-        yb, db = y[idx], pred[idx]
-        if defined(yb, db):
-            values.append(float(fn(yb, db, p[idx])))
-    if not values:
+    draws = [rng.integers(len(members), size=len(members)) for _ in range(n_boot)]
+    if metric in _COUNT_METRICS:
+        values = _count_bootstrap(metric, y, pred, members, draws)
+    else:
+        fn, defined = _BOOT_METRICS[metric]
+        values = []
+        for draw in draws:
+            idx = np.concatenate([members[i] for i in draw])
+            yb, db = y[idx], pred[idx]
+            if defined(yb, db):
+                values.append(float(fn(yb, db, p[idx])))
+    if not len(values):
         return (math.nan, math.nan)
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(values, [tail, 100.0 - tail])
     return float(lo), float(hi)
+
+
+def _count_bootstrap(
+    metric: str,
+    y: np.ndarray,
+    pred: np.ndarray,
+    members: list[np.ndarray],
+    draws: list[np.ndarray],
+) -> np.ndarray:
+    """``metric`` of every defined resample, from per-group confusion counts: a resample's
+    counts are the sum of its drawn groups' counts (a group drawn twice counts twice)."""
+    score, defined = _COUNT_METRICS[metric]
+    counts = np.stack([skm.confusion_matrix(y[m], pred[m], labels=[0, 1]).ravel() for m in members])
+    drawn = np.stack([np.bincount(draw, minlength=len(members)) for draw in draws])
+    totals = drawn @ counts
+    return score(totals[defined(totals)])
 
 
 def scan_level(
