@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
-from torchmetrics.functional.classification import binary_calibration_error
 
 from bonedamage.atomic import write_text_atomic
 
@@ -111,6 +110,10 @@ def tile_metrics(
     ``[[tn, fp], [fn, tp]]``. ``ece`` is the expected calibration error (L1, 15 bins) of
     the failed-class probability, as torchmetrics' ``binary_calibration_error``.
     """
+    # imported here: torchmetrics loads torchvision (~3 s), which importers of this module's
+    # constants and bootstrap (the registry, every training stage) do not need
+    from torchmetrics.functional.classification import binary_calibration_error
+
     y, p = _check(y_true, prob)
     pred = (p > threshold).astype(np.int64)
     both = len(np.unique(y)) == 2

@@ -30,10 +30,10 @@ import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from bonedamage.config import ConfigError
@@ -42,10 +42,7 @@ RESNET_ARCHS = ("resnet18", "resnet50")
 RESNET_STEMS = ("imagenet", "fine")
 DEFAULT_STEM = RESNET_STEMS[0]  # torchvision's own stride-2 first convolution
 INITS = ("imagenet", "pretext", "scratch")
-_IMAGENET_WEIGHTS = {  # reading ``.url`` downloads nothing: it names torchvision's cache file
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-}
+_IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}
 _WRAPPER_KEYS = ("state_dict", "model")  # common checkpoint formats: {"state_dict": {...}, ...}
 
 
@@ -162,6 +159,14 @@ def build_cnn(arch: Mapping[str, Any]) -> CNN:
     return CNN(nn.Sequential(*blocks), head)
 
 
+def _torchvision() -> ModuleType:
+    """torchvision, imported on first use: it takes ~2 s (it loads ``torch._dynamo``), which
+    every stage process that trains or registers only a CNN would otherwise pay at start."""
+    import torchvision
+
+    return torchvision
+
+
 def _check_resnet_arch(arch: str) -> None:
     if arch not in RESNET_ARCHS:
         raise ValueError(f"resnet arch {arch!r} is unknown: choose from {list(RESNET_ARCHS)}")
@@ -183,7 +188,7 @@ def build_resnet(
             f"resnet stem {stem!r} is unknown: choose from {list(RESNET_STEMS)} "
             "(params.yaml resnet.stem, or a saved model's sidecar)"
         )
-    model = getattr(torchvision.models, arch)(weights=None)  # weights=None: never downloads
+    model = getattr(_torchvision().models, arch)(weights=None)  # weights=None: never downloads
     old = model.conv1
     stride = 1 if stem == "fine" else old.stride
     model.conv1 = nn.Conv2d(1, old.out_channels, old.kernel_size, stride, old.padding, bias=False)
@@ -268,7 +273,9 @@ def build_module(meta: Mapping[str, Any], weights: str | Path | None = None) -> 
 def imagenet_cache_path(arch: str) -> Path:
     """Where torchvision caches the IMAGENET1K_V1 weights of ``arch`` (nothing downloaded)."""
     _check_resnet_arch(arch)
-    name = Path(_IMAGENET_WEIGHTS[arch].url).name
+    # reading ``.url`` downloads nothing: it names torchvision's cache file
+    weights = getattr(_torchvision().models, _IMAGENET_WEIGHTS[arch]).IMAGENET1K_V1
+    name = Path(weights.url).name
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
@@ -414,7 +421,7 @@ def gradcam_target_layer(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, CNN):
         return model.features[-1]
-    if isinstance(model, torchvision.models.ResNet):
+    if isinstance(model, _torchvision().models.ResNet):
         return model.layer4[-1]
     blocks = [m for m in model.children() if any(isinstance(c, nn.Conv2d) for c in m.modules())]
     if not blocks:

@@ -24,7 +24,7 @@ import torch
 
 from bonedamage.atomic import write_text_atomic
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn import baseline, distributed, evaluate, search
+from bonedamage.learn import distributed, evaluate, search
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.final import save_model, train_cnn, train_resnet
 from bonedamage.learn.models import DEFAULT_STEM, build_module, pretext_model
@@ -264,6 +264,8 @@ def run_evaluate(
     plots: Path,
 ) -> dict[str, Any]:
     """Test-split metrics of every model of a tissue, the baseline, and the leaky inflation."""
+    from bonedamage.learn import baseline  # scikit-image and scipy: this stage alone needs them
+
     store, table = _inputs(tiles, splits)
     cfg = params["evaluate"]
     device = resolve_device(params["train"]["device"])
