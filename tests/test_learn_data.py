@@ -55,6 +55,41 @@ def test_augmentation_is_physical_and_seeded() -> None:
     )
 
 
+def test_quarter_turns_only_for_planes_normal_to_the_load_axis() -> None:
+    tile = np.arange(64, dtype=np.float32).reshape(8, 8)  # no symmetry: every pose differs
+    aug = Augment.from_params({"flips": True, "rot90": True, "rot90_planes": ["axial"]})
+    assert aug.rot90_planes == ("axial",) and aug.rotates("axial")
+    assert not aug.rotates("coronal") and not aug.rotates(None)
+    poses = {
+        plane: {aug(tile, np.random.default_rng(s), plane).tobytes() for s in range(64)}
+        for plane in ("axial", "coronal", "sagittal")
+    }
+    # the 8 poses of the square for axial tiles; only the mirror image where z is a row axis
+    assert len(poses["axial"]) == 8
+    mirror = {tile.tobytes(), np.ascontiguousarray(tile[:, ::-1]).tobytes()}
+    assert poses["coronal"] == poses["sagittal"] == mirror
+    # no plane list: every plane turns, as before
+    assert Augment(flips=False, rot90=True).rotates("coronal")
+
+
+def test_dataset_turns_tiles_by_their_plane(learn_data: tuple[Path, Path]) -> None:
+    tiles, splits = learn_data
+    store, table = TileStore(tiles), pd.read_parquet(splits)
+    for tissue in ("cortical", "trabecular"):
+        positions, labels = split_rows(store, table, tissue, "grouped", "train")
+        plane = store.index["plane"].iloc[positions[0]]
+        aug = Augment(flips=True, rot90=True, rot90_planes=("axial",))
+        raw = TileDataset(store, positions, labels)
+        turned = 0
+        for epoch in range(6):
+            ds = TileDataset(store, positions, labels, aug, 5)
+            ds.set_epoch(epoch)
+            x, r = ds[0][0][0].numpy(), raw[0][0][0].numpy()
+            assert np.array_equal(np.sort(x.ravel()), np.sort(r.ravel()))
+            turned += not (np.array_equal(x, r) or np.array_equal(x, r[:, ::-1]))
+        assert (turned > 0) == (plane == "axial"), (tissue, plane)
+
+
 def test_dataset_items_and_epochs(learn_data: tuple[Path, Path]) -> None:
     tiles, splits = learn_data
     store, table = TileStore(tiles), pd.read_parquet(splits)

@@ -2,11 +2,13 @@
 
 Tiles are read from the chunked tile store on demand (memory-mapped), normalised with
 their scan's recorded range, and augmented with transforms that make physical sense for
-a CT slice normal to the load axis: flips and 90-degree rotations (the slice has no
-preferred in-plane orientation), a small gain/offset jitter (calibration drift between
-beamline sessions) and a little Gaussian noise. Augmentation draws come from a
-generator seeded by (seed, epoch, item), so an epoch is the same whatever the batch
-order or the number of loader workers.
+a CT slice: a mirror image; 90-degree rotations only where the slice is normal to the
+load axis (axial: no preferred in-plane orientation), not where it contains the load
+axis (coronal, sagittal: a quarter turn would lay the compaction band and the buckled
+struts on their side, which no compression test produces); a small gain/offset jitter
+(calibration drift between beamline sessions) and a little Gaussian noise. Augmentation
+draws come from a generator seeded by (seed, epoch, item), so an epoch is the same
+whatever the batch order or the number of loader workers.
 """
 
 from __future__ import annotations
@@ -24,29 +26,43 @@ from bonedamage.data.tilestore import TileStore
 
 @dataclass(frozen=True)
 class Augment:
-    """Augmentation settings (``augment`` in params.yaml), scaled by ``strength``."""
+    """Augmentation settings (``augment`` in params.yaml), scaled by ``strength``.
+
+    ``flips`` mirrors the columns (tiles of planes that contain the load axis z keep z
+    along their rows). ``rot90`` turns tiles by quarter turns, only those of a plane in
+    ``rot90_planes`` (None: every plane).
+    """
 
     flips: bool = True
     rot90: bool = True
     gain: float = 0.0
     offset: float = 0.0
     noise: float = 0.0
+    rot90_planes: tuple[str, ...] | None = None
 
     @classmethod
     def from_params(cls, cfg: dict[str, Any] | None, strength: float = 1.0) -> Augment:
         cfg = cfg or {}
+        planes = cfg.get("rot90_planes")
         return cls(
             bool(cfg.get("flips", False)),
             bool(cfg.get("rot90", False)),
             float(cfg.get("gain", 0.0)) * strength,
             float(cfg.get("offset", 0.0)) * strength,
             float(cfg.get("noise", 0.0)) * strength,
+            None if planes is None else tuple(planes),
         )
 
-    def __call__(self, tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def rotates(self, plane: str | None) -> bool:
+        """Whether tiles of ``plane`` get quarter turns (``None``: a plane not known)."""
+        return self.rot90 and (self.rot90_planes is None or plane in self.rot90_planes)
+
+    def __call__(
+        self, tile: np.ndarray, rng: np.random.Generator, plane: str | None = None
+    ) -> np.ndarray:
         if self.flips and rng.random() < 0.5:
             tile = tile[:, ::-1]
-        if self.rot90:
+        if self.rotates(plane):
             tile = np.rot90(tile, int(rng.integers(4)))
         if self.gain or self.offset:
             tile = tile * (1.0 + rng.uniform(-self.gain, self.gain)) + rng.uniform(
@@ -90,6 +106,7 @@ class TileDataset(Dataset):
             raise ValueError("positions and labels differ in length")
         self.store, self.positions, self.labels = store, np.asarray(positions), labels
         self.augment, self.seed, self.epoch = augment, seed, 0
+        self.planes = store.index["plane"].to_numpy()[self.positions]
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation draws of ``epoch``."""
@@ -101,7 +118,8 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         tile = self.store.tile(int(self.positions[i]))
         if self.augment is not None:
-            tile = self.augment(tile, np.random.default_rng([self.seed, self.epoch, i]))
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            tile = self.augment(tile, rng, str(self.planes[i]))
         return torch.from_numpy(tile)[None], int(self.labels[i])
 
 
