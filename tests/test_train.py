@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -81,6 +82,17 @@ def test_early_stopping_and_callbacks(learn_data) -> None:
 
     with pytest.raises(StopError):
         fit(build_cnn(ARCH), *loaders(learn_data), cfg, on_epoch=stop)
+
+
+def test_seed_everything_sets_deterministic_kernels_threads_and_seeds() -> None:
+    torch.set_deterministic_debug_mode("default")
+    seed_everything(11, 1)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.get_num_threads() == 1
+    first = torch.rand(3), np.random.rand()
+    seed_everything(11, 1)
+    assert torch.equal(first[0], torch.rand(3)) and first[1] == np.random.rand()
 
 
 def test_cosine_schedule_decays_the_steps_to_nothing(learn_data) -> None:
