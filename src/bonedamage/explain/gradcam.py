@@ -30,7 +30,11 @@ import tifffile
 import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.metrics.perturbation_confidence import (
+    RemoveLeastRelevantFirst,
+    RemoveMostRelevantFirst,
+)
+from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from pytorch_grad_cam.utils.model_targets import (
     ClassifierOutputSoftmaxTarget,
     ClassifierOutputTarget,
@@ -318,10 +322,18 @@ def faithfulness(
     from the evidence. The maps are replaced by their pixel ranks first (ties by pixel
     index) so every percentile removes exactly its share even where a map is flat (Grad-
     CAM maps are often 0 over large areas). One-channel input works. Tile i's imputation
-    noise is seeded with ``seed + i`` (torch's global RNG is left as it was), so a tile's
-    score does not depend on the others: deterministic on the CPU. Cost: 2 x
-    len(percentiles) imputations per tile (about 0.25 s per 64 px tile with the default
-    nine percentiles). NaN for no tiles.
+    noise comes from torch's RNG seeded with ``seed + i`` (the global RNG is left as it
+    was), so a tile's score does not depend on the others: deterministic on the CPU.
+
+    The imputation is the library's (its ``RemoveLeastRelevantFirst`` /
+    ``RemoveMostRelevantFirst`` with a ``NoisyLinearImputer``), drawing each tile's noise
+    in the order ``ROADCombined`` does; only the model calls are batched: ``ROADCombined``
+    reads one probability per call, so it had to be called per tile, with 2 batch-1
+    forward passes per tile, side and percentile (the unperturbed one each time). Here
+    there is one batched pass per side and percentile, and one for the unperturbed tiles.
+    Cost on 2 CPU cores, nine percentiles, 64 px tiles: about 0.27 s per tile for
+    ResNet-18 (0.70 called per tile) and 0.25 s for a 3-block CNN (0.32), most of it the
+    imputation's sparse solves. NaN for no tiles.
     """
     arr = _as_tiles(tiles)
     cams = _as_tiles(cams, "cams")
@@ -329,23 +341,43 @@ def faithfulness(
         raise ValueError(f"cams {cams.shape} and tiles {arr.shape} must have the same shape")
     if len(arr) == 0:
         return math.nan
-    metric = ROADCombined(percentiles=list(percentiles))
-    target = [ClassifierOutputSoftmaxTarget(FAILED)]
+    target = ClassifierOutputSoftmaxTarget(FAILED)
     device = torch.device(device)
     was_training = model.training
-    scores = np.empty(len(arr), dtype=np.float64)
     model.to(device).eval()
+
+    def failed(batch: torch.Tensor) -> np.ndarray:
+        # per row, as ROAD's metric applies its target to each output
+        return np.float32([target(out).cpu().numpy() for out in model(batch.to(device))])
+
+    x = torch.from_numpy(arr[:, None])
+    ranks = [torch.from_numpy(_rank_map(cam)) for cam in cams]
+    side_means = []
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
             # ROAD's imputer hands torch tensors to np.argwhere: numpy 2 warns each time
             warnings.filterwarnings("ignore", "__array_wrap__ must accept", DeprecationWarning)
-            for i, (tile, cam) in enumerate(zip(arr, cams, strict=True)):
+            rng = []  # each tile's own RNG state, carried between its draws
+            for i in range(len(arr)):
                 torch.manual_seed(seed + i)
-                x = torch.from_numpy(tile[None, None]).to(device)
-                scores[i] = float(np.asarray(metric(x, _rank_map(cam)[None], target, model))[0])
+                rng.append(torch.get_rng_state())
+            before = failed(x)
+            for remove in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst):
+                diffs = []
+                for p in percentiles:
+                    perturb = remove(p, NoisyLinearImputer())
+                    perturbed = []
+                    for i in range(len(arr)):
+                        torch.set_rng_state(rng[i])
+                        perturbed.append(perturb(x[i], ranks[i]))
+                        rng[i] = torch.get_rng_state()
+                    diffs.append(failed(torch.stack(perturbed)) - before)
+                # per tile, a mean over its own contiguous row, as ROADCombined takes it
+                side_means.append(np.ascontiguousarray(np.float32(diffs).T).mean(axis=1))
     finally:
         model.train(was_training)
-    return float(scores.mean())
+    lerf, morf = side_means
+    return float(((lerf - morf) / 2).astype(np.float64).mean())
 
 
 # ---------------------------------------------------------------------------- export

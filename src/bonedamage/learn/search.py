@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -367,7 +368,9 @@ def save_plots(study: optuna.Study, out_dir: Path, seed: int = 0) -> list[Path]:
     }
     for name, plot in plots.items():
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():  # the plots are stable API in all but name
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
         except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ complete trials
             logging.getLogger(__name__).warning("no %s: %s", name, exc)
             continue
