@@ -273,7 +273,7 @@ def test_faithfulness_equals_roadcombined_called_per_tile(
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     net = square_model if model == "square" else _resnet()
-    tiles = _squares(3, 4)[0][:, :32, :32]  # ROAD's imputation costs ~0.1 s per 64 px tile
+    tiles = _squares(3, 4)[0][:, :32, :32]  # small tiles: the imputation dominates the cost
     cams = np.random.default_rng(4).random(tiles.shape).astype(np.float32)
     ranks = np.stack([gc._rank_map(c) for c in cams])
     percentiles = (30, 70)
@@ -289,6 +289,10 @@ def test_faithfulness_equals_roadcombined_called_per_tile(
     assert got == pytest.approx(float(np.mean(expected)), abs=1e-6)
     other_seed = gc.faithfulness(net, tiles, cams, percentiles=percentiles, seed=8)
     assert got != pytest.approx(other_seed, abs=1e-6)
+    in_pairs = gc.faithfulness(net, tiles, cams, percentiles=percentiles, seed=7, batch_size=2)
+    assert in_pairs == pytest.approx(got, abs=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        gc.faithfulness(net, tiles, cams, batch_size=0)
 
 
 # ------------------------------------------------------------------------- export
