@@ -15,7 +15,6 @@ the spread is what a single run's figure can be trusted to. Figures only, no pas
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -42,8 +41,7 @@ def seed_runs(
     device = resolve_device(params["train"]["device"])
     rows = []
     for k in range(seeds):
-        train_cfg = copy.deepcopy(params["train"])
-        train_cfg["seed"] = int(train_cfg["seed"]) + k
+        train_cfg = {**params["train"], "seed": int(params["train"]["seed"]) + k}
         t0 = time.perf_counter()
         model, result = train_cnn(store, splits, tissue, best, train_cfg, params["augment"])
         prob, label = predict(model, test, device)

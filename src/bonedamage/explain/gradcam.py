@@ -35,10 +35,7 @@ from pytorch_grad_cam.metrics.perturbation_confidence import (
     RemoveMostRelevantFirst,
 )
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
-from pytorch_grad_cam.utils.model_targets import (
-    ClassifierOutputSoftmaxTarget,
-    ClassifierOutputTarget,
-)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from bonedamage.atomic import atomic_path
@@ -343,49 +340,32 @@ def faithfulness(
         raise ValueError(f"cams {cams.shape} and tiles {arr.shape} must have the same shape")
     if len(arr) == 0:
         return math.nan
-    target = ClassifierOutputSoftmaxTarget(FAILED)
-    device = torch.device(device)
-    was_training = model.training
-    model.to(device).eval()
-
-    batches = _batches(len(arr), batch_size)
-
-    def failed(tiles: torch.Tensor) -> np.ndarray:
-        # per row, as ROAD's metric applies its target to each output
-        return np.float32(
-            [
-                target(out).cpu().numpy()
-                for start in batches
-                for out in model(tiles[start : start + batch_size].to(device))
-            ]
-        )
-
     x = torch.from_numpy(arr[:, None])
     ranks = [torch.from_numpy(_rank_map(cam)) for cam in cams]
+    before = failed_probability(model, arr, batch_size, device)
     side_means = []
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
-            # ROAD's imputer hands torch tensors to np.argwhere: numpy 2 warns each time
-            warnings.filterwarnings("ignore", "__array_wrap__ must accept", DeprecationWarning)
-            rng = []  # each tile's own RNG state, carried between its draws
-            for i in range(len(arr)):
-                torch.manual_seed(seed + i)
-                rng.append(torch.get_rng_state())
-            before = failed(x)
-            for remove in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst):
-                diffs = []
-                for p in percentiles:
-                    perturb = remove(p, NoisyLinearImputer())
-                    perturbed = []
-                    for i in range(len(arr)):
-                        torch.set_rng_state(rng[i])
-                        perturbed.append(perturb(x[i], ranks[i]))
-                        rng[i] = torch.get_rng_state()
-                    diffs.append(failed(torch.stack(perturbed)) - before)
-                # per tile, a mean over its own contiguous row, as ROADCombined takes it
-                side_means.append(np.ascontiguousarray(np.float32(diffs).T).mean(axis=1))
-    finally:
-        model.train(was_training)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # ROAD's imputer hands torch tensors to np.argwhere: numpy 2 warns each time
+        warnings.filterwarnings("ignore", "__array_wrap__ must accept", DeprecationWarning)
+        rng = []  # each tile's own RNG state, carried between its draws
+        for i in range(len(arr)):
+            torch.manual_seed(seed + i)
+            rng.append(torch.get_rng_state())
+        for remove in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst):
+            diffs = []
+            for p in percentiles:
+                perturb = remove(p, NoisyLinearImputer())
+                perturbed = []
+                for i in range(len(arr)):
+                    torch.set_rng_state(rng[i])
+                    perturbed.append(perturb(x[i], ranks[i]))
+                    rng[i] = torch.get_rng_state()
+                after = failed_probability(
+                    model, torch.stack(perturbed)[:, 0].numpy(), batch_size, device
+                )
+                diffs.append(after - before)
+            # per tile, a mean over its own contiguous row, as ROADCombined takes it
+            side_means.append(np.ascontiguousarray(np.float32(diffs).T).mean(axis=1))
     lerf, morf = side_means
     return float(((lerf - morf) / 2).astype(np.float64).mean())
 
