@@ -98,7 +98,7 @@ def train_best_cnn(
         batch_size=best["batch_size"],
     )
     seed_everything(cfg.seed, cfg.threads)
-    model = build_cnn(best["arch"])
+    model = build_cnn(best["arch"], store.channels(tissue))
     augment = Augment.from_params(params["augment"], best["augment_strength"])
     result = fit_on_split(model, store, splits, tissue, "grouped", augment, cfg)
     print(

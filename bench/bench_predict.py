@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bonedamage.data.tilestore import with_channels
 from bonedamage.data.volume import open_volume, write_volume
 from bonedamage.explain.predict import load_model, predict_scan
 from bonedamage.learn.train import seed_everything
@@ -38,7 +39,7 @@ from bonedamage.learn.train import seed_everything
 
 def bare_forward(model: torch.nn.Module, tiles: np.ndarray, batch: int) -> float:
     """Seconds of the model's forward + softmax over ``tiles`` (normalised, in memory)."""
-    x = torch.from_numpy(tiles).unsqueeze(1)
+    x = torch.from_numpy(with_channels(tiles))
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(x), batch):
@@ -55,7 +56,7 @@ def measure(model, scan: Path, voxel: float | None, args: argparse.Namespace) ->
         n = len(pd.read_csv(Path(tmp) / "warm" / "tiles.csv"))
         # as many tiles of the same shape, in memory (a forward's cost does not depend on
         # the values)
-        tiles = np.random.default_rng(0).random((n, model.tile_px, model.tile_px), np.float32)
+        tiles = np.random.default_rng(0).random((n, *model.tile_shape), np.float32)
         for i in range(args.repeat):
             for cam in (False, True):
                 t0 = time.perf_counter()

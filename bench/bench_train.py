@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bonedamage.config import load_params
-from bonedamage.data.tilestore import TileStore
+from bonedamage.data.tilestore import TileStore, with_channels
 from bonedamage.learn import search
 from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
@@ -63,7 +63,7 @@ def throughput(
         seed=cfg.seed,
     )
     tensors = TensorDataset(
-        torch.from_numpy(store.tiles(positions))[:, None], torch.from_numpy(labels)
+        torch.from_numpy(with_channels(store.tiles(positions))), torch.from_numpy(labels)
     )
     preloaded = DataLoader(
         tensors,
@@ -75,7 +75,7 @@ def throughput(
     for name, loader in (("real loader", real), ("pre-loaded", preloaded)):
         seed_everything(cfg.seed, cfg.threads)
         t0 = time.perf_counter()
-        fit(build_cnn(ARCH), loader, val, cfg)
+        fit(build_cnn(ARCH, store.channels(tissue)), loader, val, cfg)
         rates[name] = len(positions) * epochs / (time.perf_counter() - t0)
         print(f"{name:12s}    {rates[name]:8.0f} tiles/s ({epochs} epochs incl. validation)")
     print(f"ratio           {rates['real loader'] / rates['pre-loaded']:8.2f}  (goal >= 0.9)")

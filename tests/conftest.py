@@ -39,6 +39,7 @@ TINY_ARCH = {
     "dropout": 0.0,
     "dense_units": 8,
 }
+CHANNELS = 3  # the learning tests' tiles are 2.5-D (learn_params: tile.context_um)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -97,21 +98,28 @@ class RunsCode:
         return (os.mkdir, (str(self.target),))
 
 
-def write_tiny_models(models: Path, tissue: str, seed: int, tile_px: int, val: float = 0.8) -> None:
+def write_tiny_models(
+    models: Path, tissue: str, seed: int, tile_px: int, val: float = 0.8, channels: int = CHANNELS
+) -> None:
     """A tiny CNN and a scratch ResNet-18 with seeded random weights and their sidecars,
-    as the training stages write them (models/<tissue>/cnn.pt, resnet/resnet_scratch.pt)."""
+    as the training stages write them (models/<tissue>/cnn.pt, resnet/resnet_scratch.pt),
+    for tiles of ``channels`` planes (the learning tests' tiles: :data:`CHANNELS`)."""
     import torch
 
     from bonedamage.learn.final import save_model
     from bonedamage.learn.models import build_cnn, build_resnet
 
     torch.manual_seed(seed)
-    meta = {"tissue": tissue, "tile_px": tile_px, "best_epoch": 1}
+    meta = {"tissue": tissue, "tile_px": tile_px, "in_channels": channels, "best_epoch": 1}
     cnn = {**meta, "kind": "cnn", "arch": TINY_ARCH, "val_balanced_accuracy": val}
-    save_model(models / "cnn.pt", build_cnn(TINY_ARCH), cnn)
+    save_model(models / "cnn.pt", build_cnn(TINY_ARCH, channels), cnn)
     resnet = {**meta, "kind": "resnet", "arch": "resnet18", "init": "scratch"}
     resnet["val_balanced_accuracy"] = val - 0.1
-    save_model(models / "resnet" / "resnet_scratch.pt", build_resnet("resnet18"), resnet)
+    save_model(
+        models / "resnet" / "resnet_scratch.pt",
+        build_resnet("resnet18", in_channels=channels),
+        resnet,
+    )
 
 
 def tiny_metrics(ba: float, auc: float) -> dict[str, Any]:
@@ -170,6 +178,8 @@ def learn_params(params: dict[str, Any]) -> dict[str, Any]:
     p["synth"] = small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0])
     # every 4th plane, whatever the default: the learning tests' data stay the same
     p["tile"].update(tile_um={"cortical": 25.6, "trabecular": 320.0}, slice_stride=4)
+    # 2.5-D tiles of CHANNELS planes, 2 planes apart (1.6 um cortical, 20 um trabecular)
+    p["tile"]["context_um"] = {"cortical": 3.2, "trabecular": 40.0}
     p["validate"]["min_tiles_per_class"] = 1
     p["train"].update(epochs=2, patience=2, threads=1)
     p["search"].update(n_trials=3, epochs=2, n_startup_trials=2, timeout_s=None)
@@ -213,7 +223,8 @@ def save_tiny_pyfunc(out: Path, params: dict[str, Any], weights: Path | None = N
     torch.manual_seed(0)
     meta = {"kind": "cnn", "arch": TINY_ARCH, "tissue": "trabecular", "tile_px": 16}
     save_model(out / "cnn.pt", build_cnn(TINY_ARCH), meta)
-    tile_cfg = dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0})
+    tile_um = {"cortical": 25.6, "trabecular": 320.0}
+    tile_cfg = dict(params["tile"], tile_um=tile_um, context_um=0.0)  # one-plane tiles
     (out / "tiling.json").write_text(json.dumps(tiling_info(tile_cfg, "trabecular", 16)))
     artifacts = {
         "weights": str(weights or out / "cnn.pt"),
@@ -226,7 +237,7 @@ def save_tiny_pyfunc(out: Path, params: dict[str, Any], weights: Path | None = N
             str(out / "model"),
             python_model=str(MODEL_CODE),
             artifacts=artifacts,
-            signature=signature(16, np.dtype(np.uint16)),
+            signature=signature((16, 16), np.dtype(np.uint16)),
             pip_requirements=[],
         )
     return out / "model"

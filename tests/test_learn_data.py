@@ -55,6 +55,17 @@ def test_augmentation_is_physical_and_seeded() -> None:
     )
 
 
+def test_every_channel_of_a_25d_tile_gets_the_same_transform() -> None:
+    rng = np.random.default_rng(1)
+    planes = rng.random((3, 16, 16), dtype=np.float32)
+    augment = Augment(flips=True, rot90=True)
+    for seed in range(8):
+        stacked = augment(planes, np.random.default_rng(seed), "axial")
+        for c in range(3):
+            alone = augment(planes[c], np.random.default_rng(seed), "axial")
+            np.testing.assert_array_equal(stacked[c], alone)
+
+
 def test_quarter_turns_only_for_planes_normal_to_the_load_axis() -> None:
     tile = np.arange(64, dtype=np.float32).reshape(8, 8)  # no symmetry: every pose differs
     aug = Augment.from_params({"flips": True, "rot90": True, "rot90_planes": ["axial"]})
@@ -96,7 +107,8 @@ def test_dataset_items_and_epochs(learn_data: tuple[Path, Path]) -> None:
     positions, labels = split_rows(store, table, "trabecular", "grouped", "train")
     ds = TileDataset(store, positions, labels, Augment(flips=True, rot90=True, noise=0.01), 7)
     x, y = ds[3]
-    assert x.shape == (1, 16, 16) and x.dtype.is_floating_point and y == labels[3]
+    # the default params cut 2.5-D tiles: the tiled plane and its two neighbours
+    assert x.shape == (3, 16, 16) and x.dtype.is_floating_point and y == labels[3]
     again = TileDataset(store, positions, labels, ds.augment, 7)[3][0]
     assert x.equal(again)  # the same item of the same epoch is the same tile
     ds.set_epoch(1)

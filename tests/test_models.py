@@ -223,6 +223,33 @@ def test_adapt_first_conv() -> None:
         models.adapt_first_conv({"bn1.weight": other})
 
 
+def test_25d_models_take_three_planes(tmp_path: Path, hub_dir: Path) -> None:
+    """2.5-D tiles: three input channels for the CNN, the ResNets and their saved forms; an
+    ImageNet filter is shared by the planes, so three equal planes give the grey response."""
+    x = torch.rand(2, 3, 16, 16)
+    cnn = models.build_cnn(ARCH, 3).eval()
+    assert cnn.features[0][0].in_channels == 3 and cnn(x).shape == (2, 2)
+    torch.save(cnn.state_dict(), tmp_path / "c.pt")
+    loaded = models.build_module({"kind": "cnn", "arch": ARCH, "in_channels": 3}, tmp_path / "c.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), cnn(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):  # 3-plane weights, 1-plane sidecar
+        models.build_module({"kind": "cnn", "arch": ARCH}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="in_channels 0"):
+        models.build_cnn(ARCH, 0)
+    assert models.pretext_model("resnet18", in_channels=3).conv1.in_channels == 3
+    state = imagenet_like(tmp_path / "w.pth")
+    three = models.resnet_from_init(
+        "resnet18", "imagenet", weights_path=tmp_path / "w.pth", in_channels=3
+    ).eval()
+    grey = models.resnet_from_init("resnet18", "imagenet", weights_path=tmp_path / "w.pth").eval()
+    assert three.conv1.weight.shape == (64, 3, 7, 7)
+    torch.testing.assert_close(three.conv1.weight.sum(1), state["conv1.weight"].sum(1))
+    plane = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(three.conv1(plane.repeat(1, 3, 1, 1)), grey.conv1(plane))
+
+
 def test_pretext_init_takes_the_backbone_and_a_fresh_head(tmp_path: Path) -> None:
     torch.manual_seed(1)
     pretext = models.pretext_model("resnet18")

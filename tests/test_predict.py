@@ -18,7 +18,7 @@ from bonedamage.data.volume import write_volume
 from bonedamage.explain import predict
 from bonedamage.lifecycle.pyfunc import TileClassifier
 from bonedamage.lifecycle.registry import tiling_info
-from conftest import RunsCode, write_tiny_models
+from conftest import CHANNELS, RunsCode, write_tiny_models
 
 TISSUE = "trabecular"
 
@@ -31,7 +31,11 @@ def setup(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     write_tiny_models(tmp / "models", TISSUE, seed=0, tile_px=tile_px)
     meta = json.loads((tmp / "models" / "cnn.json").read_text())
     model = TileClassifier()
-    model.setup(meta, tiling_info(learn_params["tile"], TISSUE, tile_px), tmp / "models" / "cnn.pt")
+    model.setup(
+        meta,
+        tiling_info(learn_params["tile"], TISSUE, tile_px, CHANNELS),
+        tmp / "models" / "cnn.pt",
+    )
     raw = learn_data[0].parent / "raw"
     manifest = read_manifest(raw)
     row = manifest[(manifest.tissue == TISSUE) & (manifest.state == "failed")].iloc[0]

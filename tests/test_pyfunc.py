@@ -109,3 +109,28 @@ def test_model_whose_weights_are_a_pickled_object_is_refused_unrun(
     assert "weights.pt: not a loadable state-dict file" in message
     assert "weights_only=True" in message
     assert not (tmp_path / "pwned").exists()  # the pickled callable never ran
+
+
+def test_25d_classifier_takes_three_plane_tiles(tmp_path: Path) -> None:
+    from bonedamage.learn.final import save_model
+    from bonedamage.learn.models import build_cnn
+    from bonedamage.lifecycle.pyfunc import TileClassifier
+    from conftest import TINY_ARCH
+
+    torch.manual_seed(0)
+    model = build_cnn(TINY_ARCH, 3)
+    meta = {"kind": "cnn", "arch": TINY_ARCH, "tile_px": PX, "in_channels": 3}
+    save_model(tmp_path / "cnn.pt", model, meta)
+    clf = TileClassifier()
+    tiling = {"tile_px": PX, "channels": 3, "percentiles": [0.5, 99.5]}
+    clf.setup(meta, tiling, tmp_path / "cnn.pt")
+    raw = np.random.default_rng(0).integers(0, 60000, (4, 3, PX, PX)).astype(np.uint16)
+    prob = clf.failed_probability(raw, **NORM)
+    with torch.no_grad():
+        x = torch.from_numpy(raw.astype(np.float32) / np.float32(60000.0))
+        want = torch.softmax(model.eval()(x), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(prob, want, rtol=1e-5)
+    one = clf.failed_probability(raw[0], **NORM)  # a single (3, px, px) tile
+    assert one.shape == (1,) and one[0] == pytest.approx(prob[0])
+    with pytest.raises(RequestError, match=r"shape \(n, 3, 16, 16\), got \(4, 16, 16\)"):
+        clf.failed_probability(raw[:, 0], **NORM)  # one-plane tiles for a 2.5-D model

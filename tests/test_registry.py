@@ -25,7 +25,7 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import split_rows
 from bonedamage.lifecycle import registry, tracking
 from bonedamage.lifecycle.pyfunc import load_classifier
-from conftest import free_port, mlflow_cli, running, tiny_metrics, write_tiny_models
+from conftest import CHANNELS, free_port, mlflow_cli, running, tiny_metrics, write_tiny_models
 
 TISSUE = "cortical"
 CFG = {
@@ -130,7 +130,8 @@ def test_register_creates_three_models_with_challenger_and_version_tags(env) -> 
     assert tissue.tags["architecture"] == "cnn"
     info = mlflow.models.get_model_info(f"models:/t-{TISSUE}@challenger")
     spec = info.signature.inputs.inputs[0]
-    assert spec.shape == (-1, env["tile_px"], env["tile_px"]) and spec.type == np.uint16
+    assert spec.shape == (-1, CHANNELS, env["tile_px"], env["tile_px"])  # 2.5-D tiles
+    assert spec.type == np.uint16
     assert {p.name for p in info.signature.params} == {"norm_lo", "norm_hi"}
     assert info.saved_input_example_info is not None
 
@@ -167,7 +168,7 @@ def test_champion_predicts_raw_tiles_with_the_training_normalisation(env) -> Non
     assert raw.dtype == np.uint16
     model = load_classifier(f"models:/t-{TISSUE}-cnn@champion")
     with torch.inference_mode():
-        x = torch.from_numpy(store.tiles(same)).unsqueeze(1)
+        x = torch.from_numpy(store.tiles(same))  # (n, CHANNELS, px, px)
         expected = torch.softmax(model.module(x), dim=1)[:, 1].numpy()
     got = model.classify(raw, lo, hi)
     np.testing.assert_allclose(got["prob_failed"], expected, rtol=1e-6)
@@ -181,15 +182,17 @@ def test_champion_predicts_raw_tiles_with_the_training_normalisation(env) -> Non
 
 def test_bad_requests_name_the_problem(env) -> None:
     model = load_classifier(f"models:/t-{TISSUE}-cnn@champion")
-    px = env["tile_px"]
+    px, c = env["tile_px"], CHANNELS
     with pytest.raises(ValueError, match=r"shape \(n, "):
-        model.classify(np.zeros((2, px + 1, px), np.uint16))
+        model.classify(np.zeros((2, c, px + 1, px), np.uint16))
+    with pytest.raises(ValueError, match=rf"shape \(n, {c}, {px}, {px}\), got \(2, {px}, {px}\)"):
+        model.classify(np.zeros((2, px, px), np.uint16))  # one-plane tiles, 2.5-D model
     with pytest.raises(ValueError, match="NaN"):
-        model.classify(np.full((1, px, px), np.nan, np.float32), 0.0, 1.0)
+        model.classify(np.full((1, c, px, px), np.nan, np.float32), 0.0, 1.0)
     with pytest.raises(ValueError, match="both norm_lo and norm_hi"):
-        model.classify(np.ones((1, px, px), np.uint16), norm_lo=1.0)
+        model.classify(np.ones((1, c, px, px), np.uint16), norm_lo=1.0)
     with pytest.raises(ValueError, match="constant"):
-        model.classify(np.ones((1, px, px), np.uint16))
+        model.classify(np.ones((1, c, px, px), np.uint16))
 
 
 def test_better_challenger_is_promoted_worse_is_refused_and_champion_stays(env) -> None:

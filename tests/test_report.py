@@ -65,7 +65,7 @@ def test_cam_files_are_aligned_with_their_tiles(explained) -> None:
         for row in index.itertuples():
             cam = tifffile.imread(folder / row.cam_file)
             tile = store.tile(ids.index(row.tile_id))
-            assert cam.dtype == np.float32 and cam.shape == tile.shape
+            assert cam.dtype == np.float32 and cam.shape == tile.shape[-2:]  # (c, h, w) tile
             assert cam.min() >= 0.0 and cam.max() <= 1.0
             assert (folder / row.overlay).is_file()
             assert row.label == int(store.index["label"].iloc[ids.index(row.tile_id)])

@@ -28,7 +28,10 @@ from conftest import REAL_STACK
 def cfg(params: dict) -> dict:
     # axial planes for both tissues: the tests read the scan's z slices back
     tile_um = {"cortical": 25.6, "trabecular": 320.0}
-    return dict(params["tile"], tile_um=tile_um, planes=["axial"], chunk_tiles=50)
+    one_plane = {"cortical": 0.0, "trabecular": 0.0}
+    return dict(
+        params["tile"], tile_um=tile_um, planes=["axial"], chunk_tiles=50, context_um=one_plane
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,47 @@ def test_tiles_read_back_equal_the_scan_normalised(
         np.testing.assert_allclose(store.tile(pos), norm.apply(raw), rtol=1e-6)
         assert store.tile(pos).mean() == pytest.approx(row["mean"], abs=1e-5)
         assert store.tile(pos).std() == pytest.approx(row["std"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiles_25d(small_dataset: Path, cfg: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiles25d") / "tiles"
+    # 2 planes at 1.6 um (cortical), 3 planes at 20 um (trabecular: 50 um rounds to 2.5 -> 2)
+    tile_dataset(small_dataset, out, dict(cfg, context_um={"cortical": 3.2, "trabecular": 50.0}))
+    return out
+
+
+def test_25d_tiles_stack_the_neighbouring_planes(
+    tiles_25d: Path, tiles: Path, small_dataset: Path
+) -> None:
+    store, flat = TileStore(tiles_25d), TileStore(tiles)
+    # the filters and statistics look at the tiled plane: the same tiles, the same index
+    same = [c for c in store.index.columns if c != "chunk"]
+    pd.testing.assert_frame_equal(store.index[same], flat.index[same])
+    assert store.channels("cortical") == store.channels("trabecular") == 3
+    assert flat.channels("cortical") == 1
+    manifest = read_manifest(small_dataset).set_index("scan_id")
+    index = store.index
+    picks = [*np.flatnonzero(index["z"].to_numpy() == 0)[:2], *range(0, len(index), 97)]
+    for pos in picks:
+        row = index.iloc[pos]
+        d = 2  # 3.2 um / 1.6 um, and round(50 um / 20 um) = 2
+        with open_volume(small_dataset / manifest.loc[row.scan_id, "path"]) as vol:
+            nz = vol.shape[0]
+            planes = [vol.read(min(max(z, 0), nz - 1)) for z in (row.z - d, row.z, row.z + d)]
+        want = np.stack([p[row.y : row.y + 16, row.x : row.x + 16] for p in planes])
+        np.testing.assert_array_equal(store.raw(pos), want)  # clamped at the scan's ends
+        np.testing.assert_array_equal(store.tile(pos)[1], flat.tile(pos))
+        assert store.tile(pos).shape == (3, 16, 16)
+    assert (index["z"] == 0).any()  # the clamped case was checked
+
+
+def test_context_um_must_be_a_number_at_least_zero(
+    cfg: dict, small_dataset: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(TilingError, match="context_um cortical"):
+        tile_dataset(small_dataset, tmp_path / "t", dict(cfg, context_um={"cortical": -1.0}))
+    assert not (tmp_path / "t").exists()
 
 
 def test_damage_fraction_comes_from_the_mask(tiles: Path, small_dataset: Path) -> None:

@@ -21,6 +21,7 @@ from bonedamage.learn.train import (
     resolve_device,
     seed_everything,
 )
+from conftest import CHANNELS
 from conftest import TINY_ARCH as ARCH
 
 
@@ -33,7 +34,7 @@ def loaders(learn_data: tuple[Path, Path], seed: int = 0):
 
 def train_once(learn_data, cfg: TrainConfig):
     seed_everything(cfg.seed, cfg.threads)
-    model = build_cnn(ARCH)
+    model = build_cnn(ARCH, CHANNELS)
     return model, fit(model, *loaders(learn_data, cfg.seed), cfg)
 
 
@@ -63,7 +64,8 @@ def test_learns_and_keeps_the_best_epoch(learn_data) -> None:
 
 def test_early_stopping_and_callbacks(learn_data) -> None:
     seen, started = [], []
-    model = build_cnn({**ARCH, "norm": "none"})  # no batch statistics: lr 0 changes nothing
+    # no batch statistics: lr 0 changes nothing
+    model = build_cnn({**ARCH, "norm": "none"}, CHANNELS)
     cfg = TrainConfig(epochs=10, patience=1, device="cpu", lr=0.0, threads=1)  # lr 0: no progress
     result = fit(
         model,
@@ -81,7 +83,7 @@ def test_early_stopping_and_callbacks(learn_data) -> None:
         raise StopError
 
     with pytest.raises(StopError):
-        fit(build_cnn(ARCH), *loaders(learn_data), cfg, on_epoch=stop)
+        fit(build_cnn(ARCH, CHANNELS), *loaders(learn_data), cfg, on_epoch=stop)
 
 
 def test_seed_everything_sets_deterministic_kernels_threads_and_seeds() -> None:
@@ -100,7 +102,7 @@ def test_cosine_schedule_decays_the_steps_to_nothing(learn_data) -> None:
 
     def steps(schedule: str) -> list[float]:
         seed_everything(3, 1)
-        model = build_cnn({**ARCH, "norm": "none"})
+        model = build_cnn({**ARCH, "norm": "none"}, CHANNELS)
         snapshots = [torch.cat([p.detach().flatten() for p in model.parameters()])]
 
         def snap(_epoch: int, _metrics: dict) -> None:

@@ -1,7 +1,8 @@
 """Tile storage: a few chunk files per scan plus one index table.
 
 Hundreds of thousands of one-tile files choke DVC and file systems, so tiles are kept as
-``<root>/<tissue>/<scan_id>-NNNN.npy`` arrays of shape (n, tile_px, tile_px), at most
+``<root>/<tissue>/<scan_id>-NNNN.npy`` arrays of shape (n, tile_px, tile_px), or
+(n, channels, tile_px, tile_px) for 2.5-D tiles (neighbouring planes as channels), at most
 ``chunk_tiles`` each, which ``numpy.load(mmap_mode="r")`` opens for random access without
 reading them whole. Tiles hold the scan's raw values in its own dtype (float32 when the
 scan was resampled): storing them costs a copy, not a conversion, and a model can be
@@ -29,17 +30,22 @@ class ChunkWriter:
     """Append tiles; flush full chunks to ``<root>/<prefix>-NNNN.npy``."""
 
     def __init__(
-        self, root: Path, prefix: str, tile_px: int, chunk_tiles: int, dtype: np.dtype | str
+        self,
+        root: Path,
+        prefix: str,
+        tile_shape: tuple[int, ...],
+        chunk_tiles: int,
+        dtype: np.dtype | str,
     ) -> None:
         self.root, self.prefix = root, prefix
-        self.tile_px, self.chunk_tiles = tile_px, chunk_tiles
+        self.tile_shape, self.chunk_tiles = tuple(tile_shape), chunk_tiles
         self.dtype = np.dtype(dtype)
-        self._buffer = np.empty((chunk_tiles, tile_px, tile_px), dtype=self.dtype)
+        self._buffer = np.empty((chunk_tiles, *self.tile_shape), dtype=self.dtype)
         self._filled = 0
         self._chunk = 0
 
     def add_many(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store (n, tile_px, tile_px) tiles; return their chunk paths and rows (arrays)."""
+        """Store (n, *tile_shape) tiles; return their chunk paths and rows (arrays)."""
         n = len(tiles)
         chunks = np.empty(n, dtype=object)
         rows = np.empty(n, dtype=np.int32)
@@ -89,8 +95,17 @@ class TileStore:
             self._chunks[relpath] = np.load(self.root / relpath, mmap_mode="r")
         return self._chunks[relpath]
 
+    def channels(self, tissue: str) -> int:
+        """Input channels of a tissue's tiles: 1, or the planes of a 2.5-D tile."""
+        rows = np.flatnonzero(self.index["tissue"].to_numpy() == tissue)
+        if len(rows) == 0:
+            raise ValueError(f"{self.root}: no {tissue} tiles in the tile store")
+        chunk = self._chunk(self._chunk_of[rows[0]])
+        return int(chunk.shape[1]) if chunk.ndim == 4 else 1
+
     def raw(self, position: int) -> np.ndarray:
-        """The stored tile of index row ``position``: raw values in the scan's dtype."""
+        """The stored tile of index row ``position``: raw values in the scan's dtype,
+        (tile_px, tile_px) or (channels, tile_px, tile_px)."""
         return np.array(self._chunk(self._chunk_of[position])[int(self._row_of[position])])
 
     def tile(self, position: int) -> np.ndarray:
@@ -98,8 +113,23 @@ class TileStore:
         return normalize(self.raw(position), self._lo[position], self._hi[position])
 
     def tiles(self, positions: np.ndarray | list[int]) -> np.ndarray:
-        """Normalised tiles of several index rows as one float32 array (n, tile_px, tile_px)."""
+        """Normalised tiles of several index rows as one float32 array (n, [channels,]
+        tile_px, tile_px)."""
         return np.stack([self.tile(int(p)) for p in positions])
+
+
+def with_channels(tiles: np.ndarray) -> np.ndarray:
+    """A batch of tiles as (n, channels, h, w): one-plane tiles (n, h, w) get a channel axis."""
+    if tiles.ndim == 3:
+        return tiles[:, None]
+    if tiles.ndim != 4:
+        raise ValueError(f"tiles must be (n, h, w) or (n, channels, h, w), got {tiles.shape}")
+    return tiles
+
+
+def centre_plane(tiles: np.ndarray) -> np.ndarray:
+    """The tiled plane itself, (n, h, w): the middle channel of 2.5-D tiles (n, c, h, w)."""
+    return with_channels(tiles)[:, tiles.shape[1] // 2 if tiles.ndim == 4 else 0]
 
 
 def normalize(raw: np.ndarray, lo: float, hi: float) -> np.ndarray:

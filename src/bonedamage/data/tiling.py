@@ -8,6 +8,12 @@ with robust per-scan percentiles, and cut on a regular grid of square tiles of
 slice stride skips near-identical neighbouring slices. Tiles mostly outside the
 reconstructed field of view, or holding almost no bone, are skipped.
 
+With ``context_um`` > 0 a tile is 2.5-D: the planes ``context_um`` before and after the
+tiled one (along its normal, clamped at the scan's ends) are stacked around it as three
+channels, (3, px, px). A crack a pixel wide, or a strut fracture, that one noisy section
+barely shows is then seen three times a few micrometres apart. The filters, statistics
+and damage fraction stay those of the tiled (middle) plane.
+
 The normalisation of each scan (its percentiles and the bone threshold) is recorded in
 ``normalization.json`` so prediction applies exactly the same transform.
 """
@@ -29,10 +35,16 @@ from tqdm import tqdm
 
 from bonedamage.atomic import atomic_dir, atomic_path, write_text_atomic
 from bonedamage.data.manifest import confined, read_manifest
-from bonedamage.data.tilestore import INDEX_NAME, NORMALIZATION_NAME, ChunkWriter
+from bonedamage.data.tilestore import (
+    INDEX_NAME,
+    NORMALIZATION_NAME,
+    ChunkWriter,
+    centre_plane,
+)
 from bonedamage.data.volume import VolumeReader, open_volume
 
 PLANES = ("axial", "coronal", "sagittal")
+CONTEXT_CHANNELS = 3  # planes of a 2.5-D tile: before, the tiled plane, after
 LABELS = {"pristine": 0, "failed": 1, "intermediate": -1}
 _SAMPLE_PLANES = 24  # planes sampled per scan to estimate its intensity range
 _MAX_UNMAPPED_BYTES = 512 * 2**20  # compressed stacks (masks) cut across planes in memory
@@ -185,11 +197,27 @@ def plane_reader(reader: VolumeReader, plane: str) -> tuple[int, Callable[[int],
     return reader.shape[axis], read
 
 
-def iter_planes(reader: VolumeReader, plane: str, stride: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(index along the plane normal, 2D plane) every ``stride`` planes; z rows first."""
+def plane_with_context(
+    read: Callable[[int], np.ndarray], count: int, index: int, context: int
+) -> np.ndarray:
+    """Plane ``index``; with ``context`` d > 0 the (3, h, w) stack of the planes index - d,
+    index, index + d (clamped to the ``count`` planes of the scan)."""
+    if context <= 0:
+        return read(index)
+    around = (index - context, index, index + context)
+    return np.stack([read(min(max(j, 0), count - 1)) for j in around])
+
+
+def iter_planes(
+    reader: VolumeReader, plane: str, stride: int, context: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index along the plane normal, 2D plane) every ``stride`` planes; z rows first.
+
+    With ``context`` > 0 each plane comes with its neighbours (:func:`plane_with_context`).
+    """
     count, read = plane_reader(reader, plane)
     for i in range(0, count, stride):
-        yield i, read(i)
+        yield i, plane_with_context(read, count, i, context)
 
 
 def scan_scale(voxel_size_um: float, working_voxel_um: float) -> float:
@@ -216,10 +244,28 @@ class TileSettings:
     percentiles: tuple[float, float]
     min_fov_fraction: float
     min_bone_fraction: float
+    context_um: float = 0.0  # 2.5-D: neighbouring planes this far away as channels (0: none)
 
     @property
     def tile_px(self) -> int:
         return tile_px(self.tile_um, self.working_voxel_um)
+
+    @property
+    def channels(self) -> int:
+        """Channels of a tile: 1, or 3 for 2.5-D tiles."""
+        return CONTEXT_CHANNELS if self.context_um > 0 else 1
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        """Shape of a stored tile: (px, px), or (3, px, px) for 2.5-D tiles."""
+        px = self.tile_px
+        return (px, px) if self.channels == 1 else (self.channels, px, px)
+
+    def context_planes(self, voxel_um: float) -> int:
+        """The neighbours' offset in a scan's own planes (voxel ``voxel_um``); 0: none."""
+        if self.context_um <= 0:
+            return 0
+        return max(1, int(round(self.context_um / voxel_um)))
 
     @classmethod
     def from_params(cls, cfg: dict[str, Any], tissue: str) -> TileSettings:
@@ -233,6 +279,10 @@ class TileSettings:
         lo, hi = cfg["percentiles"]
         if not 0 <= lo < hi <= 100:
             raise TilingError(f"tile.percentiles={cfg['percentiles']}: need 0 <= lo < hi <= 100")
+        context_cfg = cfg.get("context_um", 0.0)
+        context = context_cfg.get(tissue, 0.0) if isinstance(context_cfg, dict) else context_cfg
+        if not (isinstance(context, int | float) and math.isfinite(context) and context >= 0):
+            raise TilingError(f"tile.context_um {tissue}: {context!r}; must be a number >= 0")
         return cls(
             float(cfg["tile_um"][tissue]),
             float(cfg["working_voxel_um"][tissue]),
@@ -241,6 +291,7 @@ class TileSettings:
             (float(lo), float(hi)),
             float(cfg["min_fov_fraction"]),
             float(cfg["min_bone_fraction"]),
+            float(context),
         )
 
 
@@ -278,7 +329,10 @@ def tile_scan(
         _check_tile_fits(vol.shape, scale, settings, row, path)
         norm = fit_normalization(vol, settings.percentiles, scale, f"scan {row.scan_id}")
         dtype = vol.dtype if scale == 1.0 else np.dtype(np.float32)
-        writer = ChunkWriter(out_dir, f"{row.tissue}/{row.scan_id}", size, chunk_tiles, dtype)
+        writer = ChunkWriter(
+            out_dir, f"{row.tissue}/{row.scan_id}", settings.tile_shape, chunk_tiles, dtype
+        )
+        context = settings.context_planes(float(row.voxel_size_um))
         mask_vol = (
             open_volume(confined(data_root, row.mask_path, what="mask_path"))
             if row.mask_path
@@ -287,7 +341,7 @@ def tile_scan(
         try:
             for plane in settings.planes:
                 masks = iter_planes(mask_vol, plane, settings.slice_stride) if mask_vol else None
-                for index, raw in iter_planes(vol, plane, settings.slice_stride):
+                for index, raw in iter_planes(vol, plane, settings.slice_stride, context):
                     damage = next(masks)[1] if masks else None
                     parts.append(_cut(plane, index, raw, damage, norm, settings, writer))
         finally:
@@ -344,8 +398,8 @@ def _blocks(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
 class PlaneTiles:
     """The grid of tiles of one plane (raw values, after resampling) and the filters."""
 
-    image: np.ndarray  # the plane at the working voxel size
-    tiles: np.ndarray  # (n, px, px)
+    image: np.ndarray  # the (middle) plane at the working voxel size
+    tiles: np.ndarray  # (n, px, px), or (n, 3, px, px) for 2.5-D tiles
     rows: np.ndarray
     cols: np.ndarray
     fov: np.ndarray  # reconstructed share of each tile
@@ -357,19 +411,29 @@ def plane_tiles(raw: np.ndarray, norm: Normalization, settings: TileSettings) ->
     """Cut one plane into the tile grid and apply the field-of-view and bone filters.
 
     The one definition of "the tiles of a plane", shared by ``tile`` and ``predict``.
+    ``raw`` is one plane (h, w) or a 2.5-D stack (3, h, w) whose middle plane is the tiled
+    one: the filters look at the middle plane only.
     """
     size = settings.tile_px
-    image = raw if norm.scale == 1.0 else _resample(raw.astype(np.float32), norm.scale, 1)
+    planes = [raw] if raw.ndim == 2 else list(raw)
+    images = [
+        p if norm.scale == 1.0 else _resample(p.astype(np.float32), norm.scale, 1) for p in planes
+    ]
+    middle = len(planes) // 2
+    image = images[middle]
     tiles, rows, cols = _blocks(image, size)
     if norm.fill_value is None:
         fov = np.ones(len(tiles), dtype=np.float32)
     else:
-        recon = _resample((raw != norm.fill_value).astype(np.float32), norm.scale, 1) >= 0.5
+        mid = planes[middle]
+        recon = _resample((mid != norm.fill_value).astype(np.float32), norm.scale, 1) >= 0.5
         fov = _blocks(recon, size)[0].mean(axis=(1, 2), dtype=np.float32)
     pixels = size * size
     bone_raw = norm.lo + norm.bone_threshold * (norm.hi - norm.lo)
     bone = (tiles > bone_raw).reshape(len(tiles), pixels).sum(axis=1) / np.float32(pixels)
     keep = (fov >= settings.min_fov_fraction) & (bone >= settings.min_bone_fraction)
+    if len(images) > 1:
+        tiles = np.stack([_blocks(im, size)[0] for im in images], axis=1)
     return PlaneTiles(image, tiles, rows, cols, fov, bone, keep)
 
 
@@ -393,7 +457,7 @@ def _cut(
     pixels = size * size
     kept = tiles[keep]
     chunks, chunk_rows = writer.add_many(kept)
-    flat = kept.reshape(len(kept), pixels).astype(np.float32)
+    flat = centre_plane(kept).reshape(len(kept), pixels).astype(np.float32)
     mean_raw = flat.sum(axis=1, dtype=np.float64) / pixels
     var_raw = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / pixels - mean_raw**2
     span = norm.hi - norm.lo

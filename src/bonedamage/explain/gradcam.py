@@ -1,6 +1,7 @@
 """Grad-CAM core: class activation maps for the failed class, and how to judge them.
 
-Pure functions over a model and tiles (``(N, H, W)`` float32, about [0, 1]); no tracking,
+Pure functions over a model and tiles (``(N, H, W)`` float32, about [0, 1]; ``(N, C, H, W)``
+for 2.5-D tiles, shown by their middle plane); no tracking,
 no CLI. Maps come from pytorch-grad-cam (``METHODS``) at :func:`target_layer` (by default
 the last conv block, :func:`bonedamage.learn.models.gradcam_target_layer`), for class 1
 (failed), one per tile, resized to the tile and scaled to [0, 1] per tile.
@@ -39,6 +40,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from bonedamage.atomic import atomic_path
+from bonedamage.data.tilestore import centre_plane, with_channels
 from bonedamage.learn.models import gradcam_target_layer
 
 FAILED = 1  # class index of "failed" in the models' two logits
@@ -61,11 +63,26 @@ ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 # ---------------------------------------------------------------------------- inputs
 
 
-def _as_tiles(tiles: np.ndarray, name: str = "tiles") -> np.ndarray:
-    arr = np.asarray(tiles, dtype=np.float32)
+def _as_maps(maps: np.ndarray, name: str = "cams") -> np.ndarray:
+    arr = np.asarray(maps, dtype=np.float32)
     if arr.ndim != 3:
         raise ValueError(f"{name} must be an (N, H, W) array, got shape {arr.shape}")
     return arr
+
+
+def _as_tiles(tiles: np.ndarray) -> np.ndarray:
+    """Model input (N, C, H, W) float32 from (N, H, W) tiles or (N, C, H, W) 2.5-D tiles."""
+    arr = np.asarray(tiles, dtype=np.float32)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"tiles must be an (N, H, W) or (N, C, H, W) array, got shape {arr.shape}")
+    return with_channels(arr)
+
+
+def _check_pairs(arr: np.ndarray, cams: np.ndarray) -> None:
+    if cams.shape != (len(arr), *arr.shape[2:]):
+        raise ValueError(
+            f"cams {cams.shape} and tiles {arr.shape} must have the same shape (N, H, W)"
+        )
 
 
 def _as_map_and_mask(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +144,9 @@ def compute_cams(
 ) -> np.ndarray:
     """Class activation maps for the failed class: ``(N, H, W)`` float32 in [0, 1].
 
-    ``tiles`` is ``(N, H, W)``; each map has its tile's size and is scaled to [0, 1] on its
-    own (pytorch-grad-cam's min-max; a map with no positive evidence is all 0). ``method``
+    ``tiles`` is ``(N, H, W)`` (or ``(N, C, H, W)``: 2.5-D tiles); each map has its tile's
+    size and is scaled to [0, 1] on its own (pytorch-grad-cam's min-max; a map with no
+    positive evidence is all 0). ``method``
     is a key of :data:`METHODS`; ``layer`` a module of ``model``, a name for
     :func:`target_layer`, or None (last conv block). The model is moved to ``device`` and
     run in eval mode; its train/eval mode is restored afterwards, its parameter gradients
@@ -140,7 +158,7 @@ def compute_cams(
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}: choose from {list(METHODS)}")
     arr = _as_tiles(tiles)
-    n, h, w = arr.shape
+    n, _, h, w = arr.shape
     batches = _batches(n, batch_size)
     layer_mod = layer if isinstance(layer, nn.Module) else target_layer(model, layer)
     device = torch.device(device)
@@ -155,7 +173,7 @@ def compute_cams(
         ):
             cam.batch_size = batch_size  # read by ScoreCAM only
             for start in batches:
-                x = torch.from_numpy(arr[start : start + batch_size, None]).to(device)
+                x = torch.from_numpy(arr[start : start + batch_size]).to(device)
                 if cam.uses_gradients:
                     x.requires_grad_(True)  # activations need grad even if weights are frozen
                 try:
@@ -188,7 +206,7 @@ def failed_probability(
     try:
         with torch.inference_mode():
             for start in batches:
-                x = torch.from_numpy(arr[start : start + batch_size, None]).to(device)
+                x = torch.from_numpy(arr[start : start + batch_size]).to(device)
                 p = torch.softmax(model(x).float(), dim=1)[:, FAILED]
                 probs[start : start + len(x)] = p.cpu().numpy()
     finally:
@@ -268,7 +286,7 @@ def localization_summary(
     NaN (a map that sums to 0); NaN where no tile counts. ``threshold`` goes to
     :func:`cam_iou`.
     """
-    cams = _as_tiles(cams, "cams")
+    cams = _as_maps(cams)
     masks = np.asarray(masks, dtype=bool)
     if masks.shape != cams.shape:
         raise ValueError(f"cams {cams.shape} and masks {masks.shape} must have the same shape")
@@ -335,12 +353,11 @@ def faithfulness(
     imputation's sparse solves. NaN for no tiles.
     """
     arr = _as_tiles(tiles)
-    cams = _as_tiles(cams, "cams")
-    if cams.shape != arr.shape:
-        raise ValueError(f"cams {cams.shape} and tiles {arr.shape} must have the same shape")
+    cams = _as_maps(cams)
+    _check_pairs(arr, cams)
     if len(arr) == 0:
         return math.nan
-    x = torch.from_numpy(arr[:, None])
+    x = torch.from_numpy(arr)
     ranks = [torch.from_numpy(_rank_map(cam)) for cam in cams]
     before = failed_probability(model, arr, batch_size, device)
     side_means = []
@@ -361,7 +378,7 @@ def faithfulness(
                     perturbed.append(perturb(x[i], ranks[i]))
                     rng[i] = torch.get_rng_state()
                 after = failed_probability(
-                    model, torch.stack(perturbed)[:, 0].numpy(), batch_size, device
+                    model, torch.stack(perturbed).numpy(), batch_size, device
                 )
                 diffs.append(after - before)
             # per tile, a mean over its own contiguous row, as ROADCombined takes it
@@ -422,9 +439,8 @@ def overlay_grid(
     from matplotlib.figure import Figure
 
     arr = _as_tiles(tiles)
-    cams = _as_tiles(cams, "cams")
-    if cams.shape != arr.shape:
-        raise ValueError(f"cams {cams.shape} and tiles {arr.shape} must have the same shape")
+    cams = _as_maps(cams)
+    _check_pairs(arr, cams)
     if titles is not None and len(titles) != len(arr):
         raise ValueError(f"{len(titles)} titles for {len(arr)} tiles")
     if len(arr) == 0:
@@ -433,6 +449,7 @@ def overlay_grid(
         raise ValueError(f"ncols must be >= 1, got {ncols}")
     ncols = min(ncols, len(arr))
     nrows = math.ceil(len(arr) / ncols)
+    grey = centre_plane(arr)  # 2.5-D tiles: the tiled (middle) plane
     fig = Figure(figsize=(2.0 * ncols, 2.0 * nrows + (0.3 * nrows if titles else 0)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -440,7 +457,7 @@ def overlay_grid(
         ax.set_axis_off()
         if i >= len(arr):
             continue
-        ax.imshow(arr[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(grey[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.imshow(cams[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="nearest")
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize=8)

@@ -1,8 +1,9 @@
 """Whole-scan prediction: tile a scan as training did, classify every tile, map the damage.
 
 A registered model carries its tiling (plane, tile size in um and px, working voxel size,
-slice stride, intensity percentiles, field-of-view and bone filters). ``predict_scan``
-streams the scan plane by plane along that plane's normal, normalises it with the scan's
+slice stride, intensity percentiles, field-of-view and bone filters, 2.5-D context).
+``predict_scan`` streams the scan plane by plane along that plane's normal (with the
+neighbouring planes of a 2.5-D model), normalises it with the scan's
 own robust range (as ``bonedamage tile`` does), cuts the same grid of tiles, and
 classifies them in batches; optionally it computes each tile's Grad-CAM map.
 
@@ -45,6 +46,7 @@ from bonedamage.data.tiling import (
     fit_normalization,
     plane_reader,
     plane_tiles,
+    plane_with_context,
     scan_scale,
 )
 from bonedamage.data.volume import VolumeError, open_volume, write_volume
@@ -66,6 +68,7 @@ def settings_of(tiling: dict[str, Any]) -> TileSettings:
         percentiles=tuple(tiling["percentiles"]),  # type: ignore[arg-type]
         min_fov_fraction=float(tiling.get("min_fov_fraction", 0.0)),
         min_bone_fraction=float(tiling.get("min_bone_fraction", 0.0)),
+        context_um=float(tiling.get("context_um", 0.0)),
     )
 
 
@@ -87,7 +90,7 @@ def _flush(
     """Classify (and explain) the kept tiles of the pending planes in one batch."""
     kept = [p.cut.tiles[p.cut.keep] for p in pending]
     counts = [len(k) for k in kept]
-    raw = np.concatenate(kept) if sum(counts) else np.empty((0, 0, 0))
+    raw = np.concatenate(kept) if sum(counts) else np.empty((0, 0, 0))  # (n, [3,] px, px)
     prob = model.failed_probability(raw, lo, hi) if len(raw) else np.empty(0)
     maps = None
     if cam and len(raw):
@@ -158,7 +161,12 @@ def predict_scan(
             raise PredictError(f"{scan}: a single 2D slice; predict needs the whole stack")
         scale = scan_scale(float(voxel), settings.working_voxel_um)
         norm = fit_normalization(vol, settings.percentiles, scale, str(scan))
-        count, read = plane_reader(vol, plane)
+        count, read_plane = plane_reader(vol, plane)
+        context = settings.context_planes(float(voxel))
+
+        def read(i: int) -> np.ndarray:
+            return plane_with_context(read_plane, count, i, context)
+
         indices = list(range(0, count, settings.slice_stride))
         page_of = {index: page for page, index in enumerate(indices)}
         try:

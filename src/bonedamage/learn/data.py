@@ -28,6 +28,7 @@ from bonedamage.data.tilestore import TileStore
 class Augment:
     """Augmentation settings (``augment`` in params.yaml), scaled by ``strength``.
 
+    Tiles are (h, w) or (channels, h, w); every channel gets the same transform.
     ``flips`` mirrors the columns (tiles of planes that contain the load axis z keep z
     along their rows). ``rot90`` turns tiles by quarter turns, only those of a plane in
     ``rot90_planes`` (None: every plane).
@@ -61,9 +62,9 @@ class Augment:
         self, tile: np.ndarray, rng: np.random.Generator, plane: str | None = None
     ) -> np.ndarray:
         if self.flips and rng.random() < 0.5:
-            tile = tile[:, ::-1]
+            tile = tile[..., ::-1]
         if self.rotates(plane):
-            tile = np.rot90(tile, int(rng.integers(4)))
+            tile = np.rot90(tile, int(rng.integers(4)), axes=(-2, -1))
         if self.gain or self.offset:
             tile = tile * (1.0 + rng.uniform(-self.gain, self.gain)) + rng.uniform(
                 -self.offset, self.offset
@@ -92,7 +93,8 @@ def split_rows(
 
 
 class TileDataset(Dataset):
-    """(tile tensor (1, H, W) float32, label) pairs for the given store positions."""
+    """(tile tensor (C, H, W) float32, label) pairs for the given store positions
+    (C = 1, or 3 for 2.5-D tiles)."""
 
     def __init__(
         self,
@@ -120,7 +122,7 @@ class TileDataset(Dataset):
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             tile = self.augment(tile, rng, str(self.planes[i]))
-        return torch.from_numpy(tile)[None], int(self.labels[i])
+        return torch.from_numpy(tile if tile.ndim == 3 else tile[None]), int(self.labels[i])
 
 
 def make_loader(

@@ -68,7 +68,7 @@ def train_cnn(
         train_cfg, lr=best["lr"], weight_decay=best["weight_decay"], batch_size=best["batch_size"]
     )
     seed_everything(cfg.seed, cfg.threads)
-    model = build_cnn(best["arch"])
+    model = build_cnn(best["arch"], store.channels(tissue))
     augment = Augment.from_params(augment_cfg, best["augment_strength"])
     result = fit_on_split(model, store, splits, tissue, scheme, augment, cfg, on_epoch=on_epoch)
     return model, result
@@ -94,6 +94,7 @@ def train_resnet(
         weights_path=resnet_cfg.get("weights_path"),
         pretext_path=pretext_path,
         stem=resnet_cfg.get("stem", DEFAULT_STEM),
+        in_channels=store.channels(tissue),
     )
     freeze = int(resnet_cfg.get("freeze_epochs", 0)) if init != "scratch" else 0
 

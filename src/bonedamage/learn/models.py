@@ -5,7 +5,8 @@
 and pooling, then a dense head with two logits (class 1 = failed). The whole family is
 the search space of the architecture study, so every knob is a key of ``arch``.
 
-``resnet_from_init`` builds torchvision's ResNet with a one-channel first convolution for
+``resnet_from_init`` builds torchvision's ResNet with a one-channel first convolution (three
+for 2.5-D tiles) for
 the three initialisations compared by Shen et al. (2021): ImageNet weights (transfer
 learning), weights from the project's own self-supervised pretext task (rotation
 prediction, :func:`pretext_model`), and random weights (scratch).
@@ -121,8 +122,9 @@ def check_arch(arch: Mapping[str, Any]) -> None:
             raise ValueError(f"CNN arch {key}={arch[key]!r} is not allowed: must be {allowed}")
 
 
-def build_cnn(arch: Mapping[str, Any]) -> CNN:
-    """The CNN described by ``arch`` (keys: :data:`ARCH_KEYS`, see ``params.yaml``).
+def build_cnn(arch: Mapping[str, Any], in_channels: int = 1) -> CNN:
+    """The CNN described by ``arch`` (keys: :data:`ARCH_KEYS`, see ``params.yaml``), for
+    tiles of ``in_channels`` channels (1, or 3 for 2.5-D tiles).
 
     Block i has ``round(base_filters * filter_growth**i)`` filters and is
     conv -> norm -> ReLU -> conv -> norm -> ReLU -> pool(2) ("same" padding); the head is
@@ -131,7 +133,7 @@ def build_cnn(arch: Mapping[str, Any]) -> CNN:
     check_arch(arch)
     k, norm, dropout = int(arch["kernel_size"]), str(arch["norm"]), float(arch["dropout"])
     bias = norm == "none"  # a following norm layer makes a conv bias redundant
-    blocks, channels = [], 1
+    blocks, channels = [], _check_channels(in_channels)
     for i in range(int(arch["n_blocks"])):
         out = max(1, round(int(arch["base_filters"]) * float(arch["filter_growth"]) ** i))
         blocks.append(
@@ -159,6 +161,12 @@ def build_cnn(arch: Mapping[str, Any]) -> CNN:
     return CNN(nn.Sequential(*blocks), head)
 
 
+def _check_channels(in_channels: int) -> int:
+    if not (isinstance(in_channels, int) and in_channels >= 1):
+        raise ValueError(f"in_channels {in_channels!r}: must be a positive integer")
+    return in_channels
+
+
 def _torchvision() -> ModuleType:
     """torchvision, imported on first use: it takes ~2 s (it loads ``torch._dynamo``), which
     every stage process that trains or registers only a CNN would otherwise pay at start."""
@@ -173,9 +181,10 @@ def _check_resnet_arch(arch: str) -> None:
 
 
 def build_resnet(
-    arch: str = "resnet18", num_classes: int = 2, stem: str = DEFAULT_STEM
+    arch: str = "resnet18", num_classes: int = 2, stem: str = DEFAULT_STEM, in_channels: int = 1
 ) -> nn.Module:
-    """torchvision ResNet with random weights, one input channel and ``num_classes`` outputs.
+    """torchvision ResNet with random weights, ``in_channels`` input channels (1, or 3 for
+    2.5-D tiles) and ``num_classes`` outputs.
 
     ``stem``: ``imagenet`` keeps the stride-2 first convolution (with the max pooling, the
     first block sees 1/4 of the tile's resolution: 16 px of a 64 px tile); ``fine`` makes
@@ -191,14 +200,23 @@ def build_resnet(
     model = getattr(_torchvision().models, arch)(weights=None)  # weights=None: never downloads
     old = model.conv1
     stride = 1 if stem == "fine" else old.stride
-    model.conv1 = nn.Conv2d(1, old.out_channels, old.kernel_size, stride, old.padding, bias=False)
+    model.conv1 = nn.Conv2d(
+        _check_channels(in_channels),
+        old.out_channels,
+        old.kernel_size,
+        stride,
+        old.padding,
+        bias=False,
+    )
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
-def pretext_model(arch: str = "resnet18", stem: str = DEFAULT_STEM) -> nn.Module:
+def pretext_model(
+    arch: str = "resnet18", stem: str = DEFAULT_STEM, in_channels: int = 1
+) -> nn.Module:
     """The ResNet with a 4-way head: rotation prediction (0, 90, 180, 270 degrees)."""
-    return build_resnet(arch, num_classes=4, stem=stem)
+    return build_resnet(arch, num_classes=4, stem=stem, in_channels=in_channels)
 
 
 def _load_error_detail(exc: Exception) -> str:
@@ -257,11 +275,13 @@ def build_module(meta: Mapping[str, Any], weights: str | Path | None = None) -> 
     """The module a saved model's JSON sidecar describes (CNN or ResNet); with ``weights``
     (a state-dict file, read with ``weights_only=True``) loaded and in eval mode."""
     kind = meta.get("kind")
+    channels = int(meta.get("in_channels", 1))
     if kind == "cnn":
-        model = build_cnn(meta["arch"])
+        model = build_cnn(meta["arch"], channels)
     elif kind in ("resnet", "pretext"):
         classes = 4 if kind == "pretext" else 2  # pretext: the rotation head
-        model = build_resnet(meta["arch"], classes, stem=meta.get("stem", DEFAULT_STEM))
+        stem = meta.get("stem", DEFAULT_STEM)
+        model = build_resnet(meta["arch"], classes, stem=stem, in_channels=channels)
     else:
         raise WeightsError(f"model kind {kind!r} is unknown: expected cnn, resnet or pretext")
     if weights is None:
@@ -307,12 +327,14 @@ def imagenet_state_dict(
 
 
 def adapt_first_conv(
-    state: Mapping[str, torch.Tensor], key: str = "conv1.weight"
+    state: Mapping[str, torch.Tensor], key: str = "conv1.weight", in_channels: int = 1
 ) -> dict[str, torch.Tensor]:
-    """A copy of ``state`` whose first conv takes one channel.
+    """A copy of ``state`` whose first conv takes ``in_channels`` channels.
 
     RGB weights (out, 3, k, k) are summed over the input-channel axis (so a grey image
     replicated to RGB gives the same response); a one-channel weight passes unchanged.
+    For ``in_channels`` > 1 (2.5-D tiles) that grey filter is shared equally by the planes,
+    ``w / in_channels`` each: three identical planes give the grey response again.
     """
     if key not in state:
         raise WeightsError(f"state dict has no {key!r} (first convolution) to adapt")
@@ -320,8 +342,9 @@ def adapt_first_conv(
     if weight.ndim != 4:
         raise WeightsError(f"{key} has shape {tuple(weight.shape)}, not (out, in, k, k)")
     state = dict(state)
-    if weight.shape[1] != 1:
-        state[key] = weight.sum(dim=1, keepdim=True)
+    grey = weight.sum(dim=1, keepdim=True) if weight.shape[1] != 1 else weight
+    channels = _check_channels(in_channels)
+    state[key] = grey if channels == 1 else grey.repeat(1, channels, 1, 1) / channels
     return state
 
 
@@ -349,8 +372,10 @@ def resnet_from_init(
     weights_path: str | Path | None = None,
     pretext_path: str | Path | None = None,
     stem: str = DEFAULT_STEM,
+    in_channels: int = 1,
 ) -> nn.Module:
-    """A ResNet classifier initialised from ImageNet, the pretext task, or at random.
+    """A ResNet classifier of ``in_channels`` input channels initialised from ImageNet, the
+    pretext task, or at random.
 
     ``imagenet``: :func:`imagenet_state_dict` (``weights_path`` or the torch cache), first
     conv summed to one channel, everything but ``fc`` loaded strictly. ``pretext``: the
@@ -360,12 +385,12 @@ def resnet_from_init(
     """
     if init not in INITS:
         raise ValueError(f"resnet init {init!r} is unknown: choose from {list(INITS)}")
-    model = build_resnet(arch, num_classes, stem)
+    model = build_resnet(arch, num_classes, stem, in_channels)
     if init == "imagenet":
         state = imagenet_state_dict(arch, weights_path)
         source = str(weights_path or imagenet_cache_path(arch))
         try:
-            state = adapt_first_conv(state)
+            state = adapt_first_conv(state, in_channels=in_channels)
         except WeightsError as exc:
             raise WeightsError(f"{source}: {exc}") from exc
         _load_backbone(model, state, source)

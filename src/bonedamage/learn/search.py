@@ -261,6 +261,7 @@ def run_search(
     if remaining <= 0:
         return study
     epochs = int(cfg["epochs"])
+    channels = store.channels(tissue)
     slots = itertools.count(_resume(study, worker))
 
     def objective(trial: optuna.Trial) -> float:
@@ -279,7 +280,7 @@ def run_search(
             seed=int(cfg["seed"]) + slot,
         )
         seed_everything(tc.seed, tc.threads)
-        model = build_cnn({k: params[k] for k in ARCH_KEYS})
+        model = build_cnn({k: params[k] for k in ARCH_KEYS}, channels)
         augment = Augment.from_params(augment_cfg, params["augment_strength"])
 
         def report(epoch: int, metrics: dict[str, float]) -> None:

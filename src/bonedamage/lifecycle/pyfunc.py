@@ -3,8 +3,10 @@
 A registered version carries three artifacts: the state dict (``weights``, loaded with
 ``weights_only=True``), the sidecar that says how to rebuild the module (``meta``) and the
 tiling settings it was trained with (``tiling``: tissue, tile size in px and um, working
-voxel size, planes, intensity percentiles, decision threshold). ``predict`` takes tiles of
-raw scan values, shape (n, tile_px, tile_px), and applies the training normalisation
+voxel size, planes, 2.5-D context, intensity percentiles, decision threshold). ``predict``
+takes tiles of raw scan values, shape (n, tile_px, tile_px), or (n, 3, tile_px, tile_px) for
+a model trained on 2.5-D tiles (the planes ``context_um`` before, at and after the tiled
+one, as ``bonedamage tile`` cuts them), and applies the training normalisation
 ``(raw - lo) / (hi - lo)`` itself:
 
 - with params ``norm_lo`` / ``norm_hi`` (the scan's intensity range, as ``bonedamage tile``
@@ -33,7 +35,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from bonedamage.data.tilestore import normalize
+from bonedamage.data.tilestore import normalize, with_channels
 from bonedamage.learn.models import build_module
 from bonedamage.lifecycle import tracking  # noqa: F401 - MLflow quiet and offline
 
@@ -79,6 +81,17 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         return int(self.tiling["tile_px"])
 
     @property
+    def channels(self) -> int:
+        """Input channels: 1, or 3 for a model of 2.5-D tiles."""
+        return int(self.tiling.get("channels", 1))
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        """Shape of one request tile: (px, px), or (channels, px, px)."""
+        px, c = self.tile_px, self.channels
+        return (px, px) if c == 1 else (c, px, px)
+
+    @property
     def threshold(self) -> float:
         return float(self.tiling.get("threshold", 0.5))
 
@@ -90,17 +103,18 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         return float(lo), float(hi)
 
     def check(self, tiles: Any) -> np.ndarray:
-        """Tiles as a float32 array (n, tile_px, tile_px); RequestError naming the problem."""
+        """Tiles as a float32 array (n, *tile_shape); RequestError naming the problem."""
         raw = np.asarray(tiles)
-        if raw.ndim == 2:
+        given, want = raw.shape, self.tile_shape
+        if raw.ndim == len(want):
             raw = raw[None]
         if raw.dtype.kind not in "uif":
             raise RequestError(f"tiles must be numbers (uint8, uint16 or float32), got {raw.dtype}")
-        want = (self.tile_px, self.tile_px)
-        if raw.ndim == 3 and len(raw) == 0:
+        if raw.ndim == len(want) + 1 and len(raw) == 0:
             raise RequestError(f"tiles: the request holds no tiles (shape {raw.shape})")
-        if raw.ndim != 3 or raw.shape[1:] != want or len(raw) == 0:
-            raise RequestError(f"tiles must have shape (n, {want[0]}, {want[1]}), got {raw.shape}")
+        if raw.ndim != len(want) + 1 or raw.shape[1:] != want:
+            shape = ", ".join(str(v) for v in ("n", *want))
+            raise RequestError(f"tiles must have shape ({shape}), got {given}")
         raw = raw.astype(np.float32, copy=False)
         if not np.isfinite(raw).all():
             raise RequestError("tiles contain NaN or infinite values")
@@ -120,7 +134,7 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), BATCH):
-                batch = torch.from_numpy(x[start : start + BATCH]).unsqueeze(1)
+                batch = torch.from_numpy(with_channels(x[start : start + BATCH]))
                 out.append(torch.softmax(self.module(batch).float(), dim=1)[:, 1].numpy())
         return np.concatenate(out).astype(np.float64)
 

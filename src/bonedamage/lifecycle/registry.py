@@ -121,13 +121,16 @@ def test_set_fingerprint(store: TileStore, splits: pd.DataFrame, tissue: str) ->
     return digest.hexdigest()[:16]
 
 
-def tiling_info(tile_cfg: dict[str, Any], tissue: str, tile_px: int) -> dict[str, Any]:
+def tiling_info(
+    tile_cfg: dict[str, Any], tissue: str, tile_px: int, channels: int = 1
+) -> dict[str, Any]:
     """The tiling a model was trained with: how ``predict`` must cut and scale new scans."""
     s = TileSettings.from_params(tile_cfg, tissue)
-    if s.tile_px != tile_px:
+    if (s.tile_px, s.channels) != (tile_px, channels):
         raise PromotionError(
-            f"{tissue}: the model takes {tile_px} px tiles but params tile settings give "
-            f"{s.tile_px} px: re-run the pipeline"
+            f"{tissue}: the model takes {channels}-channel {tile_px} px tiles but params tile "
+            f"settings (tile_um, context_um) give {s.channels}-channel {s.tile_px} px: "
+            "re-run the pipeline"
         )
     return {
         "tissue": tissue,
@@ -139,14 +142,16 @@ def tiling_info(tile_cfg: dict[str, Any], tissue: str, tile_px: int) -> dict[str
         "percentiles": list(s.percentiles),
         "min_fov_fraction": s.min_fov_fraction,
         "min_bone_fraction": s.min_bone_fraction,
+        "context_um": s.context_um,
+        "channels": s.channels,
         "threshold": THRESHOLD,
     }
 
 
-def signature(tile_px: int, dtype: np.dtype) -> ModelSignature:
-    """Raw tiles in, in the training scans' dtype; one row per tile out."""
+def signature(tile_shape: tuple[int, ...], dtype: np.dtype) -> ModelSignature:
+    """Raw tiles of ``tile_shape`` in, in the training scans' dtype; one row per tile out."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(dtype), (-1, tile_px, tile_px))]),
+        inputs=Schema([TensorSpec(np.dtype(dtype), (-1, *tile_shape))]),
         outputs=Schema(
             [
                 ColSpec(DataType.double, "prob_failed"),
@@ -185,7 +190,7 @@ def _log_model(cand: Candidate, tiling: dict[str, Any], example: tuple, tags: di
                 python_model=str(MODEL_CODE),
                 artifacts={"weights": str(cand.weights), "meta": str(meta), "tiling": str(tile)},
                 code_paths=[str(Path(__file__).parents[1])],
-                signature=signature(int(tiling["tile_px"]), example[0].dtype),
+                signature=signature(example[0].shape[1:], example[0].dtype),
                 input_example=example,
                 pip_requirements=_requirements(),
             )
@@ -509,7 +514,10 @@ def run_register(
     )
     store, table = TileStore(tiles), pd.read_parquet(splits)
     test_set = test_set_fingerprint(store, table, tissue)
-    tiling = tiling_info(params["tile"], tissue, int(cands[0].meta["tile_px"]))
+    meta = cands[0].meta
+    tiling = tiling_info(
+        params["tile"], tissue, int(meta["tile_px"]), int(meta.get("in_channels", 1))
+    )
     first = int(split_rows(store, table, tissue, "grouped", "test")[0][0])
     lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[first]
     example = (store.raw(first)[None], {"norm_lo": float(lo), "norm_hi": float(hi)})

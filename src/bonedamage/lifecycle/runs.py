@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from bonedamage.atomic import write_text_atomic
-from bonedamage.data.tilestore import TileStore
+from bonedamage.data.tilestore import TileStore, centre_plane
 from bonedamage.learn import distributed, evaluate, search
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
 from bonedamage.learn.final import save_model, train_cnn, train_resnet
@@ -153,6 +153,7 @@ def _finish(
             "best_epoch": result.best_epoch,
             "val_balanced_accuracy": result.best_score,
             "tile_px": int(store.index["tile_px"].iloc[0]),
+            "in_channels": store.channels(meta["tissue"]),
         },
     )
     mlflow.log_artifact(str(path.with_suffix(".json")), "model")
@@ -169,7 +170,7 @@ def run_pretrain(
     )
     seed_everything(cfg.seed, cfg.threads)
     stem = rcfg.get("stem", DEFAULT_STEM)
-    model = pretext_model(rcfg["arch"], stem)
+    model = pretext_model(rcfg["arch"], stem, store.channels(tissue))
     train = TileDataset(store, *split_rows(store, table, tissue, "grouped", "train"))
     val = TileDataset(store, *split_rows(store, table, tissue, "grouped", "val"))
     with _stage_run(
@@ -194,6 +195,7 @@ def run_pretrain(
                     "arch": rcfg["arch"],
                     "stem": stem,
                     "task": "rotation",
+                    "in_channels": store.channels(tissue),
                     "val_balanced_accuracy": result.best_score,
                 },
             )
@@ -300,11 +302,13 @@ def run_evaluate(
     )
     results["cnn_leaky_split"] = score("cnn_leaky_split", leaky_pos, leaky_y, prob[:, 1])
     train_pos, train_y = split_rows(store, table, tissue, "grouped", "train")
+    # the baseline's 2D features look at the tiled plane itself (2.5-D tiles: the middle one)
     clf = baseline.fit_baseline(
-        store.tiles(train_pos), train_y, kind=cfg["baseline"], seed=int(cfg["seed"])
+        centre_plane(store.tiles(train_pos)), train_y, kind=cfg["baseline"], seed=int(cfg["seed"])
     )
+    test_tiles = centre_plane(store.tiles(test_pos))
     results["baseline"] = score(
-        "baseline", test_pos, test_y, baseline.predict_baseline(clf, store.tiles(test_pos))
+        "baseline", test_pos, test_y, baseline.predict_baseline(clf, test_tiles)
     )
     # where the numbers were made: the gate reproduces them exactly only on the same platform
     platform = numerics_platform(device)
