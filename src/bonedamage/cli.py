@@ -526,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tile",
         parents=[common],
-        help="cut scans into normalised 2D tiles",
-        description=cmd_tile.__doc__ + " Settings: params.yaml 'tile'. The "
+        help="cut scans into normalised 2D (or 2.5-D) tiles",
+        description=cmd_tile.__doc__ + " Settings: params.yaml 'tile' (context_um > 0: the "
+        "planes that far before and after each tiled plane become channels 1 and 3). The "
         "output folder is replaced atomically.",
     )
     p.add_argument("--data-root", help="data root (default: params data.root)")
@@ -704,11 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="whole-scan prediction and 3D damage maps",
         description=cmd_predict.__doc__ + " Tiles the scan exactly as the model was trained "
-        "(its plane, tile size in um, working voxel size, slice stride, intensity percentiles "
-        "and filters travel with the registered model), classifies every tile in batches and "
-        "writes tiles.csv, slices.csv, verdict.json, probability.tif and cam.tif (ImageJ "
-        "stacks carrying the voxel size) and orthoviews.png into OUT (replaced atomically). "
-        "Streams the scan: memory stays bounded." + tracked,
+        "(its plane, tile size in um, working voxel size, slice stride, intensity percentiles, "
+        "filters and 2.5-D context planes travel with the registered model), classifies "
+        "every tile in batches and writes tiles.csv, slices.csv, verdict.json, probability.tif "
+        "and cam.tif (ImageJ stacks carrying the voxel size) and orthoviews.png into OUT "
+        "(replaced atomically). Streams the scan: memory stays bounded." + tracked,
     )
     p.add_argument("scan", metavar="SCAN", help="TIFF stack: multi-page file or folder of slices")
     p.add_argument(
