@@ -1,13 +1,14 @@
 """Benchmark training: the real data loader against pre-loaded tensors, and pruning's savings.
 
-    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--trials 8]
+    python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--repeats 3] [--trials 8]
                                 [--trial-epochs N]
                                 [--pruner median,percentile,hyperband,successive_halving:4]
 
 Needs the tile store and splits of the default pipeline (``dvc repro split``).
 1. Throughput: tiles/s of the searched-space CNN trained through the real loader
    (chunked tile store, per-item normalisation and augmentation) against the same model
-   and batches from tensors already in memory; prints the ratio (goal >= 0.9).
+   and batches from tensors already in memory, ``--repeats`` times each in alternating
+   order; prints each pair and the ratio of the medians (goal >= 0.9).
 2. Pruning: the same Optuna trial budget (``--trials`` of ``--trial-epochs`` epochs)
    without a pruner, then with the pruner of ``search.pruner`` (or each of ``--pruner``;
    ``kind:N`` sets a Hyperband or successive-halving ``reduction_factor`` of N);
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -48,7 +50,12 @@ ARCH = {
 
 
 def throughput(
-    params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, epochs: int
+    params: dict,
+    store: TileStore,
+    splits: pd.DataFrame,
+    tissue: str,
+    epochs: int,
+    repeats: int,
 ) -> None:
     positions, labels = split_rows(store, splits, tissue, "grouped", "train")
     val = make_loader(
@@ -71,14 +78,28 @@ def throughput(
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    rates = {}
-    for name, loader in (("real loader", real), ("pre-loaded", preloaded)):
-        seed_everything(cfg.seed, cfg.threads)
-        t0 = time.perf_counter()
-        fit(build_cnn(ARCH, store.channels(tissue)), loader, val, cfg)
-        rates[name] = len(positions) * epochs / (time.perf_counter() - t0)
-        print(f"{name:12s}    {rates[name]:8.0f} tiles/s ({epochs} epochs incl. validation)")
-    print(f"ratio           {rates['real loader'] / rates['pre-loaded']:8.2f}  (goal >= 0.9)")
+    loaders = {"real loader": real, "pre-loaded": preloaded}
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    # alternate the order: on a shared 2-core machine one pair of runs is noisier than the gap
+    for repeat in range(repeats):
+        for name in sorted(loaders, reverse=repeat % 2 == 1):
+            seed_everything(cfg.seed, cfg.threads)
+            t0 = time.perf_counter()
+            fit(build_cnn(ARCH, store.channels(tissue)), loaders[name], val, cfg)
+            rates[name].append(len(positions) * epochs / (time.perf_counter() - t0))
+        print(
+            f"repeat {repeat + 1}        real loader {rates['real loader'][-1]:6.0f} tiles/s, "
+            f"pre-loaded {rates['pre-loaded'][-1]:6.0f} tiles/s, ratio "
+            f"{rates['real loader'][-1] / rates['pre-loaded'][-1]:.2f}",
+            flush=True,
+        )
+    median = {name: float(np.median(r)) for name, r in rates.items()}
+    for name, rate in median.items():
+        print(
+            f"{name:12s}    {rate:8.0f} tiles/s (median of {repeats} runs of {epochs} epochs "
+            "incl. validation)"
+        )
+    print(f"ratio           {median['real loader'] / median['pre-loaded']:8.2f}  (goal >= 0.9)")
 
 
 def pruning(
@@ -124,7 +145,10 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tissue", default="trabecular")
     parser.add_argument("--epochs", type=int, default=2, help="throughput epochs (0: skip)")
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="throughput runs of each loader, alternating"
+    )
+    parser.add_argument("--trials", type=int, default=8, help="pruning trials (0: skip)")
     parser.add_argument(
         "--trial-epochs", type=int, help="epochs per trial (default: params.yaml search.epochs)"
     )
@@ -141,7 +165,9 @@ def main() -> None:
     store, splits = TileStore(args.tiles), pd.read_parquet(args.splits)
     if args.epochs:
         print("== throughput")
-        throughput(params, store, splits, args.tissue, args.epochs)
+        throughput(params, store, splits, args.tissue, args.epochs, args.repeats)
+    if not args.trials:
+        return
     print("== pruning")
     pruners = (args.pruner or params["search"]["pruner"]["kind"]).split(",")
     pruning(params, store, splits, args.tissue, args.trials, args.trial_epochs, pruners)

@@ -14,6 +14,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "== installing bonedamage and its pinned dependencies (torch from the local wheel store)"
+  # torch 2.14.1 on x86_64 is a CUDA build: the venv takes about 6.6 GiB (measured)
+  free_kib="$(df -Pk "$VENV" 2>/dev/null | awk 'NR == 2 {print $4}')" || free_kib=""
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+    echo "warning: $((free_kib / 1024)) MiB free for $VENV; the install needs about 8 GiB" \
+      "(6.6 GiB of packages plus pip's unpacking) and fails with 'No space left on device'" \
+      "below that" >&2
+  fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
