@@ -197,6 +197,7 @@ def write_inputs(tmp: Path, params: dict[str, Any], experiment: str) -> tuple[Pa
     train = {"device": "cpu", "threads": 1, "epochs": 16, "patience": 16}
     store = {"db": str(tmp / "mlflow.db"), "artifacts": str(tmp / "art")}
     p = {**params, "train": params["train"] | train, "mlflow": store | {"experiment": experiment}}
+    p["cnn"] = {"ensemble": 1}  # one network: this test is about the processes
     path = tmp / f"{experiment}.yaml"
     path.write_text(yaml.safe_dump(p))
     models = tmp / experiment

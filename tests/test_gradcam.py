@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from bonedamage.explain import gradcam as gc
-from bonedamage.learn.models import build_cnn, build_resnet
+from bonedamage.learn.models import Ensemble, build_cnn, build_resnet
 from conftest import TINY_ARCH
 
 SIZE, SQUARE = 64, 12
@@ -244,6 +245,24 @@ def test_cam_lights_up_the_square(square_model: nn.Module, method: str) -> None:
         s["cam_energy_ratio"]
         > 2 * gc.localization_summary(untrained, masks[pos])["cam_energy_ratio"]
     )
+
+
+def test_an_ensemble_is_explained_through_every_member(square_model: nn.Module) -> None:
+    members = [_cnn(), _cnn()]
+    ensemble = Ensemble(members)
+    assert gc.target_layers(ensemble) == [m.features[-1] for m in members]
+    assert gc.target_layers(ensemble, "features.0") == [m.features[0] for m in members]
+    assert gc.target_layers(members[0]) == [members[0].features[-1]]
+    with pytest.raises(ValueError, match=r"no layer 'members\.0'"):
+        gc.target_layers(ensemble, "members.0")
+    # two copies of the trained model: the ensemble's maps still find the square
+    twins = Ensemble([square_model, copy.deepcopy(square_model)]).eval()
+    tiles, labels, masks = _squares(1, 32)
+    pos = labels == 1
+    cams = gc.compute_cams(twins, tiles[pos])
+    assert cams.shape == tiles[pos].shape and 0.0 <= cams.min() <= cams.max() <= 1.0
+    assert gc.localization_summary(cams, masks[pos])["cam_energy_ratio"] > 1.5
+    assert _hooks(twins) == 0
 
 
 def test_faithfulness_prefers_the_real_map(square_model: nn.Module) -> None:

@@ -163,6 +163,34 @@ def test_build_module_rebuilds_a_saved_model_from_its_sidecar(tmp_path: Path) ->
         models.build_module({"kind": "vit", "arch": "vit_b_16"})
 
 
+def test_an_ensemble_is_the_mean_probability_of_its_members(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    members = [models.build_cnn(ARCH, 3).eval() for _ in range(3)]
+    ensemble = models.Ensemble(members).eval()
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        mean = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+        out = ensemble(x)
+    torch.testing.assert_close(out.softmax(1), mean)  # it stands where logits stand
+    torch.testing.assert_close(out.exp(), mean)
+    torch.save(ensemble.state_dict(), tmp_path / "e.pt")
+    meta = {"kind": "cnn", "arch": ARCH, "in_channels": 3, "members": 3}
+    loaded = models.build_module(meta, tmp_path / "e.pt")
+    assert isinstance(loaded, models.Ensemble) and len(loaded.members) == 3
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # 3 members' weights into 2
+        models.build_module({**meta, "members": 2}, tmp_path / "e.pt")
+    for bad in (0, "2", 1.5):
+        with pytest.raises(WeightsError, match="members"):
+            models.build_module({**meta, "members": bad})
+    with pytest.raises(WeightsError, match="members"):
+        models.build_module({"kind": "resnet", "arch": "resnet18", "members": 2})
+    with pytest.raises(ValueError, match="at least 2 members"):
+        models.Ensemble(members[:1])
+
+
 def test_pretext_weights_of_another_stem_are_refused(tmp_path: Path) -> None:
     """A stride-2 backbone fits a stride-1 stem shape for shape: only the sidecar tells."""
     torch.save(models.pretext_model("resnet18").state_dict(), tmp_path / "p.pt")

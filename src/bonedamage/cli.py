@@ -256,7 +256,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train_cnn(args: argparse.Namespace) -> int:
-    """Train the final CNN of a tissue with the best searched configuration."""
+    """Train the final CNN of a tissue with the best searched configuration: an ensemble of
+    params.yaml cnn.ensemble networks (seeds train.seed, +1, ...) when above 1."""
     from bonedamage.lifecycle.runs import run_train_cnn
 
     models = Path(args.models) / args.tissue

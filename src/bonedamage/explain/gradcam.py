@@ -41,7 +41,7 @@ from torch import nn
 
 from bonedamage.atomic import atomic_path
 from bonedamage.data.tilestore import centre_plane, with_channels
-from bonedamage.learn.models import gradcam_target_layer
+from bonedamage.learn.models import Ensemble, gradcam_target_layer
 
 FAILED = 1  # class index of "failed" in the models' two logits
 DEFAULT_METHOD = "gradcam"
@@ -134,6 +134,14 @@ def target_layer(model: nn.Module, override: str | None = None) -> nn.Module:
         ) from None
 
 
+def target_layers(model: nn.Module, override: str | None = None) -> list[nn.Module]:
+    """The layers Grad-CAM looks at: :func:`target_layer` of the model, or of each member of
+    an :class:`~bonedamage.learn.models.Ensemble` (pytorch-grad-cam averages their maps)."""
+    if isinstance(model, Ensemble):
+        return [target_layer(member, override) for member in model.members]
+    return [target_layer(model, override)]
+
+
 def compute_cams(
     model: nn.Module,
     tiles: np.ndarray,
@@ -146,21 +154,20 @@ def compute_cams(
 
     ``tiles`` is ``(N, H, W)`` (or ``(N, C, H, W)``: 2.5-D tiles); each map has its tile's
     size and is scaled to [0, 1] on its own (pytorch-grad-cam's min-max; a map with no
-    positive evidence is all 0). ``method``
-    is a key of :data:`METHODS`; ``layer`` a module of ``model``, a name for
-    :func:`target_layer`, or None (last conv block). The model is moved to ``device`` and
-    run in eval mode; its train/eval mode is restored afterwards, its parameter gradients
-    are cleared (``.grad = None``), and no hooks stay behind. Autograd is switched on
-    inside (also under ``torch.no_grad``/``inference_mode``), as pytorch-grad-cam needs
-    it, and works with frozen parameters (the input requires grad). Deterministic on the
-    CPU.
+    positive evidence is all 0). ``method`` is a key of :data:`METHODS`; ``layer`` a module
+    of ``model``, a name for :func:`target_layers`, or None (the last conv block; of each
+    member of an ensemble). The model is moved to ``device`` and run in eval mode; its
+    train/eval mode is restored afterwards, its parameter gradients are cleared (``.grad =
+    None``), and no hooks stay behind. Autograd is switched on inside (also under
+    ``torch.no_grad``/``inference_mode``), as pytorch-grad-cam needs it, and works with
+    frozen parameters (the input requires grad). Deterministic on the CPU.
     """
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}: choose from {list(METHODS)}")
     arr = _as_tiles(tiles)
     n, _, h, w = arr.shape
     batches = _batches(n, batch_size)
-    layer_mod = layer if isinstance(layer, nn.Module) else target_layer(model, layer)
+    layers = [layer] if isinstance(layer, nn.Module) else target_layers(model, layer)
     device = torch.device(device)
     was_training = model.training
     out = np.empty((n, h, w), dtype=np.float32)
@@ -169,7 +176,7 @@ def compute_cams(
         with (
             torch.inference_mode(False),
             torch.enable_grad(),
-            METHODS[method](model=model, target_layers=[layer_mod]) as cam,
+            METHODS[method](model=model, target_layers=layers) as cam,
         ):
             cam.batch_size = batch_size  # read by ScoreCAM only
             for start in batches:

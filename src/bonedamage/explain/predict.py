@@ -143,7 +143,7 @@ def predict_scan(
     settings = settings_of(model.tiling)
     if cam:
         try:
-            gradcam.target_layer(model.module, cam_layer)
+            gradcam.target_layers(model.module, cam_layer)
         except ValueError as exc:
             raise PredictError(f"{model_uri or 'model'}: CAM layer: {exc}") from exc
     plane = settings.planes[0]

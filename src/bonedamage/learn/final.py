@@ -1,5 +1,9 @@
 """Final models of a tissue: the best searched CNN and the transfer-learned ResNets.
 
+The CNN can be an ensemble (``cnn.ensemble``): the same recipe trained with successive
+seeds, whose mean probability is the prediction. One run's test accuracy moves by about a
+point with the seed alone (bench/bench_seeds.py); the mean of a few runs moves less.
+
 Both train on the train split with early stopping on the validation split of the same
 scheme (``grouped`` by default; ``leaky`` to measure how much a leaky split inflates
 accuracy). The ResNet's backbone can stay frozen for the first ``freeze_epochs`` while
@@ -14,18 +18,29 @@ from typing import Any
 
 import pandas as pd
 import torch
+from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from bonedamage.atomic import atomic_path, write_text_atomic
+from bonedamage.config import ConfigError
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
 from bonedamage.learn.models import (
     DEFAULT_STEM,
+    Ensemble,
     build_cnn,
     resnet_from_init,
     set_backbone_trainable,
 )
-from bonedamage.learn.train import EpochCallback, FitResult, TrainConfig, fit, seed_everything
+from bonedamage.learn.train import (
+    EpochCallback,
+    FitResult,
+    TrainConfig,
+    fit,
+    predict,
+    resolve_device,
+    seed_everything,
+)
 
 
 def fit_on_split(
@@ -72,6 +87,40 @@ def train_cnn(
     augment = Augment.from_params(augment_cfg, best["augment_strength"])
     result = fit_on_split(model, store, splits, tissue, scheme, augment, cfg, on_epoch=on_epoch)
     return model, result
+
+
+def train_cnn_ensemble(
+    store: TileStore,
+    splits: pd.DataFrame,
+    tissue: str,
+    best: dict[str, Any],
+    train_cfg: dict[str, Any],
+    augment_cfg: dict[str, Any],
+    members: int,
+    *,
+    scheme: str = "grouped",
+) -> tuple[nn.Module, list[FitResult], float]:
+    """``members`` CNNs of the best trial, trained as :func:`train_cnn` with seeds
+    ``train.seed``, +1, ...: one CNN as it is, several as an :class:`Ensemble`. Returns the
+    model, each member's fit, and the model's validation balanced accuracy."""
+    if not (isinstance(members, int) and members >= 1):
+        raise ConfigError(f"cnn.ensemble {members!r}: must be a positive integer")
+    seed = int(train_cfg["seed"])
+    fits = [
+        train_cnn(
+            store, splits, tissue, best, {**train_cfg, "seed": seed + k}, augment_cfg, scheme=scheme
+        )
+        for k in range(members)
+    ]
+    if members == 1:
+        model, result = fits[0]
+        return model, [result], result.best_score
+    model = Ensemble([m for m, _ in fits])
+    val = TileDataset(store, *split_rows(store, splits, tissue, scheme, "val"))
+    prob, label = predict(
+        model, make_loader(val, 256, shuffle=False), resolve_device(train_cfg["device"])
+    )
+    return model, [r for _, r in fits], float(balanced_accuracy_score(label, prob.argmax(1)))
 
 
 def train_resnet(

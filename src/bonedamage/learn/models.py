@@ -29,7 +29,7 @@ import json
 import numbers
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -97,6 +97,25 @@ class CNN(nn.Module):
                 f"{self.min_size} px, got {tuple(x.shape[-2:])}"
             )
         return self.head(self.features(x))
+
+
+class Ensemble(nn.Module):
+    """Several networks as one classifier: the mean of their class probabilities.
+
+    The output is the log of that mean, so that it can stand where logits stand: its
+    softmax is the mean probability, and Grad-CAM's class score flows back into every
+    member (a target layer per member, :func:`bonedamage.explain.gradcam.target_layers`).
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).softmax(dim=1) for m in self.members]).mean(dim=0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -272,11 +291,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_module(meta: Mapping[str, Any], weights: str | Path | None = None) -> nn.Module:
-    """The module a saved model's JSON sidecar describes (CNN or ResNet); with ``weights``
+    """The module a saved model's JSON sidecar describes (a CNN, an :class:`Ensemble` of
+    ``members`` CNNs, or a ResNet); with ``weights``
     (a state-dict file, read with ``weights_only=True``) loaded and in eval mode."""
     kind = meta.get("kind")
     channels = int(meta.get("in_channels", 1))
-    if kind == "cnn":
+    members = meta.get("members", 1)
+    if not (isinstance(members, int) and members >= 1) or (members > 1 and kind != "cnn"):
+        raise WeightsError(f"members {members!r}: must be a positive integer (ensembles: CNNs)")
+    if kind == "cnn" and members > 1:
+        model: nn.Module = Ensemble([build_cnn(meta["arch"], channels) for _ in range(members)])
+    elif kind == "cnn":
         model = build_cnn(meta["arch"], channels)
     elif kind in ("resnet", "pretext"):
         classes = 4 if kind == "pretext" else 2  # pretext: the rotation head

@@ -26,7 +26,7 @@ from bonedamage.atomic import write_text_atomic
 from bonedamage.data.tilestore import TileStore, centre_plane
 from bonedamage.learn import distributed, evaluate, search
 from bonedamage.learn.data import TileDataset, make_loader, split_rows
-from bonedamage.learn.final import save_model, train_cnn, train_resnet
+from bonedamage.learn.final import save_model, train_cnn_ensemble, train_resnet
 from bonedamage.learn.models import DEFAULT_STEM, build_module, pretext_model
 from bonedamage.learn.pretext import pretrain
 from bonedamage.learn.train import (
@@ -115,26 +115,83 @@ def run_search(
 def run_train_cnn(
     params: dict[str, Any], tissue: str, tiles: Path, splits: Path, best: Path, out_dir: Path
 ) -> dict[str, float]:
-    """The final CNN on the grouped split, and the same recipe on the leaky split."""
+    """The final CNN on the grouped split, and the same recipe on the leaky split; each is
+    an ensemble of ``cnn.ensemble`` networks (seeds ``train.seed``, +1, ...) when above 1."""
     store, table = _inputs(tiles, splits)
     config = json.loads(best.read_text())
     recipe = {k: config[k] for k in ("lr", "weight_decay", "batch_size", "augment_strength")}
+    members = params.get("cnn", {}).get("ensemble", 1)
     schedule = _lr_schedule(params)
     scores = {}
     for scheme, name in (("grouped", "cnn"), ("leaky", "cnn_leaky")):
         with _stage_run(
             f"{name}-{tissue}",
             {"stage": "train_cnn", "tissue": tissue, "scheme": scheme},
-            {**config["arch"], **recipe, "scheme": scheme, "lr_schedule": schedule},
+            {
+                **config["arch"],
+                **recipe,
+                "scheme": scheme,
+                "lr_schedule": schedule,
+                **({"ensemble": members} if members != 1 else {}),
+            },
         ) as tracks:
-            model, result = train_cnn(
-                store, table, tissue, config, params["train"], params["augment"], scheme=scheme
+            model, fits, score = train_cnn_ensemble(
+                store,
+                table,
+                tissue,
+                config,
+                params["train"],
+                params["augment"],
+                members,
+                scheme=scheme,
             )
             if tracks:
                 meta = {"kind": "cnn", "arch": config["arch"], "tissue": tissue, "scheme": scheme}
-                _finish(model, result, store, out_dir / f"{name}.pt", meta)
-            scores[name] = result.best_score
+                if len(fits) == 1:
+                    _finish(model, fits[0], store, out_dir / f"{name}.pt", meta)
+                else:
+                    _finish_ensemble(model, fits, score, store, out_dir / f"{name}.pt", meta)
+            scores[name] = score
     return scores
+
+
+def _finish_ensemble(
+    model: torch.nn.Module,
+    fits: list[FitResult],
+    score: float,
+    store: TileStore,
+    path: Path,
+    meta: dict[str, Any],
+) -> None:
+    """:func:`_finish` for an ensemble: each member's history under ``member<k>_``, the
+    ensemble's validation score, and a sidecar naming the members."""
+    for k, member in enumerate(fits, 1):
+        for row in member.history:
+            mlflow.log_metrics(
+                {f"member{k}_{kk}": v for kk, v in row.items() if kk != "epoch"},
+                step=int(row["epoch"]),
+            )
+    mlflow.log_metrics(
+        {
+            "best_val_balanced_accuracy": score,
+            "train_seconds": sum(f.seconds for f in fits),
+            **{
+                f"member{k}_best_val_balanced_accuracy": f.best_score for k, f in enumerate(fits, 1)
+            },
+        }
+    )
+    _save_with_sidecar(
+        model,
+        store,
+        path,
+        {
+            **meta,
+            "members": len(fits),
+            "member_best_epochs": [f.best_epoch for f in fits],
+            "member_val_balanced_accuracy": [f.best_score for f in fits],
+            "val_balanced_accuracy": score,
+        },
+    )
 
 
 def _finish(
@@ -145,17 +202,24 @@ def _finish(
     mlflow.log_metrics(
         {"best_val_balanced_accuracy": result.best_score, "train_seconds": result.seconds}
     )
-    save_model(
-        path,
+    _save_with_sidecar(
         model,
-        {
-            **meta,
-            "best_epoch": result.best_epoch,
-            "val_balanced_accuracy": result.best_score,
-            "tile_px": int(store.index["tile_px"].iloc[0]),
-            "in_channels": store.channels(meta["tissue"]),
-        },
+        store,
+        path,
+        {**meta, "best_epoch": result.best_epoch, "val_balanced_accuracy": result.best_score},
     )
+
+
+def _save_with_sidecar(
+    model: torch.nn.Module, store: TileStore, path: Path, meta: dict[str, Any]
+) -> None:
+    """Save the model with a sidecar that adds the tiles' size and channels; log the sidecar."""
+    meta = {
+        **meta,
+        "tile_px": int(store.index["tile_px"].iloc[0]),
+        "in_channels": store.channels(meta["tissue"]),
+    }
+    save_model(path, model, meta)
     mlflow.log_artifact(str(path.with_suffix(".json")), "model")
 
 
