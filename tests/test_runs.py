@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from bonedamage.learn.models import Ensemble
 from bonedamage.learn.train import numerics_platform, resolve_device
 from bonedamage.lifecycle import runs, tracking
 
@@ -44,6 +45,28 @@ def test_stage_outputs_are_weights_only_state_dicts_with_sidecars(trained) -> No
         assert meta["kind"] in ("cnn", "pretext", "resnet")
     model = runs.load_model(models / "resnet" / "resnet_pretext.pt")
     assert model.fc.out_features == 2
+
+
+def test_the_cnns_are_ensembles_of_cnn_ensemble_members(trained) -> None:
+    """cnn.ensemble (2 in params.yaml) reaches both CNNs, their sidecars and MLflow runs."""
+    tmp, params = trained
+    k = params["cnn"]["ensemble"]
+    assert k == 2
+    models = tmp / "models" / "trabecular"
+    for name, scheme in (("cnn", "grouped"), ("cnn_leaky", "leaky")):
+        meta = json.loads((models / f"{name}.json").read_text())
+        assert meta["members"] == k and len(meta["member_best_epochs"]) == k
+        model = runs.load_model(models / f"{name}.pt")
+        assert isinstance(model, Ensemble) and len(model.members) == k
+        run = mlflow.search_runs(
+            filter_string=f"tags.stage = 'train_cnn' and tags.scheme = '{scheme}'",
+            order_by=["start_time DESC"],
+            max_results=1,
+        ).iloc[0]
+        assert run["params.ensemble"] == str(k)
+        assert run["metrics.best_val_balanced_accuracy"] == meta["val_balanced_accuracy"]
+        members = [run[f"metrics.member{i}_best_val_balanced_accuracy"] for i in (1, 2)]
+        assert members == meta["member_val_balanced_accuracy"]
 
 
 def test_the_fine_stem_goes_from_pretext_to_the_saved_resnet(trained, learn_data) -> None:
