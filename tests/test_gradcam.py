@@ -132,7 +132,9 @@ def test_compute_cams_non_square_inference_mode_and_methods() -> None:
     assert _hooks(model) == 0
     with pytest.raises(ValueError, match="unknown CAM method"):
         gc.compute_cams(model, tiles, method="gradcam3000")
-    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+    with pytest.raises(
+        ValueError, match=r"must be \(n, h, w\) or \(n, channels, h, w\), got \(48, 64\)"
+    ):
         gc.compute_cams(model, tiles[0])
 
 
@@ -263,6 +265,39 @@ def test_an_ensemble_is_explained_through_every_member(square_model: nn.Module) 
     assert cams.shape == tiles[pos].shape and 0.0 <= cams.min() <= cams.max() <= 1.0
     assert gc.localization_summary(cams, masks[pos])["cam_energy_ratio"] > 1.5
     assert _hooks(twins) == 0
+
+
+def test_best_layers_scores_each_candidate_per_member(square_model: nn.Module) -> None:
+    """best_layers: each network's energy ratio per named layer, as compute_cams and
+    localization_summary give it, the highest chosen; names a network lacks skipped."""
+    tiles, labels, masks = _squares(5, 24)
+    tiles, masks = tiles[labels == 1], masks[labels == 1]
+    other = _cnn()  # untrained: its own, different scores
+    names = ["features.0", "features.1", "features.7"]
+
+    def ratios(net: nn.Module) -> dict[str, float]:
+        return {
+            n: gc.localization_summary(gc.compute_cams(net, tiles, layer=n), masks)[
+                "cam_energy_ratio"
+            ]
+            for n in names[:2]
+        }
+
+    expected = [ratios(square_model), ratios(other)]
+    chosen, scores = gc.best_layers(Ensemble([square_model, other]), tiles, masks, names)
+    assert scores == expected
+    assert chosen == [max(r, key=r.__getitem__) for r in expected]
+    assert gc.best_layers(square_model, tiles, masks, names) == (chosen[:1], expected[:1])
+    with pytest.raises(ValueError, match=r"has none of the layers \['features.7'\]"):
+        gc.best_layers(square_model, tiles, masks, ["features.7"])
+    # the chosen modules go to compute_cams as a list: one per member, maps averaged
+    ensemble = Ensemble([square_model, copy.deepcopy(square_model)])
+    layer = [m.get_submodule("features.0") for m in ensemble.members]
+    np.testing.assert_allclose(
+        gc.compute_cams(ensemble, tiles, layer=layer),
+        gc.compute_cams(ensemble, tiles, layer="features.0"),
+        atol=1e-6,
+    )
 
 
 def test_faithfulness_prefers_the_real_map(square_model: nn.Module) -> None:

@@ -54,6 +54,27 @@ def test_every_model_gets_localization_metrics_with_baselines(explained) -> None
         assert 0 < metrics["mask_area_share"] < 1
 
 
+def test_the_layer_is_chosen_on_validation_tiles(explained, learn_params) -> None:
+    """Of explain.layer_choices, each model's layer is the one that localizes best on the
+    validation split's damaged tiles (layers.json holds every candidate's ratio)."""
+    results, tmp = explained["results"], explained["tmp"]
+    choices = learn_params["explain"]["layer_choices"]
+    for key, arch in (("cnn", "cnn"), ("resnet_scratch", "resnet")):
+        scores = json.loads((tmp / "a" / TISSUE / key / "layers.json").read_text())
+        assert results[key]["layer"] == ",".join(scores["chosen"])
+        for name, ratios in zip(scores["chosen"], scores["val_cam_energy_ratio"], strict=True):
+            assert set(ratios) <= set(choices[arch]) and name in ratios
+            assert ratios[name] == max(ratios.values())
+        assert np.isfinite(results[key]["val_cam_energy_ratio"])
+    # the tiny CNN has two blocks: the third candidate is skipped
+    assert (
+        "features.2"
+        not in json.loads((tmp / "a" / TISSUE / "cnn" / "layers.json").read_text())[
+            "val_cam_energy_ratio"
+        ][0]
+    )
+
+
 def test_cam_files_are_aligned_with_their_tiles(explained) -> None:
     store = explained["store"]
     ids = store.index["tile_id"].tolist()
@@ -75,7 +96,8 @@ def test_cam_files_are_aligned_with_their_tiles(explained) -> None:
     meta = json.loads((explained["tmp"] / "models" / "cnn.json").read_text())
     model = build_module(meta, explained["tmp"] / "models" / "cnn.pt")
     tile = store.tile(ids.index(row.tile_id))[None]
-    expected = gradcam.compute_cams(model, tile)[0]
+    layer = explained["results"]["cnn"]["layer"]  # the one chosen on validation tiles
+    expected = gradcam.compute_cams(model, tile, layer=layer)[0]
     np.testing.assert_allclose(tifffile.imread(folder / row.cam_file), expected, atol=1e-6)
 
 

@@ -64,9 +64,19 @@ def test_the_cnns_are_ensembles_of_cnn_ensemble_members(trained) -> None:
             max_results=1,
         ).iloc[0]
         assert run["params.ensemble"] == str(k)
+        assert run["params.channels_last"] == str(params["train"]["channels_last"]) == "True"
         assert run["metrics.best_val_balanced_accuracy"] == meta["val_balanced_accuracy"]
         members = [run[f"metrics.member{i}_best_val_balanced_accuracy"] for i in (1, 2)]
         assert members == meta["member_val_balanced_accuracy"]
+        for i in (1, 2):  # each member's per-epoch history, stepped by epoch
+            history = mlflow.MlflowClient().get_metric_history(
+                run["run_id"], f"member{i}_val_balanced_accuracy"
+            )
+            best = max(history, key=lambda m: (m.value, -m.step))
+            assert (best.step, best.value) == (
+                meta["member_best_epochs"][i - 1],
+                meta["member_val_balanced_accuracy"][i - 1],
+            )
 
 
 def test_the_fine_stem_goes_from_pretext_to_the_saved_resnet(trained, learn_data) -> None:

@@ -72,10 +72,7 @@ def _as_maps(maps: np.ndarray, name: str = "cams") -> np.ndarray:
 
 def _as_tiles(tiles: np.ndarray) -> np.ndarray:
     """Model input (N, C, H, W) float32 from (N, H, W) tiles or (N, C, H, W) 2.5-D tiles."""
-    arr = np.asarray(tiles, dtype=np.float32)
-    if arr.ndim not in (3, 4):
-        raise ValueError(f"tiles must be an (N, H, W) or (N, C, H, W) array, got shape {arr.shape}")
-    return with_channels(arr)
+    return with_channels(np.asarray(tiles, dtype=np.float32))
 
 
 def _check_pairs(arr: np.ndarray, cams: np.ndarray) -> None:
@@ -146,7 +143,7 @@ def compute_cams(
     model: nn.Module,
     tiles: np.ndarray,
     method: str = DEFAULT_METHOD,
-    layer: str | nn.Module | None = None,
+    layer: str | nn.Module | Sequence[nn.Module] | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
@@ -155,19 +152,25 @@ def compute_cams(
     ``tiles`` is ``(N, H, W)`` (or ``(N, C, H, W)``: 2.5-D tiles); each map has its tile's
     size and is scaled to [0, 1] on its own (pytorch-grad-cam's min-max; a map with no
     positive evidence is all 0). ``method`` is a key of :data:`METHODS`; ``layer`` a module
-    of ``model``, a name for :func:`target_layers`, or None (the last conv block; of each
-    member of an ensemble). The model is moved to ``device`` and run in eval mode; its
-    train/eval mode is restored afterwards, its parameter gradients are cleared (``.grad =
-    None``), and no hooks stay behind. Autograd is switched on inside (also under
-    ``torch.no_grad``/``inference_mode``), as pytorch-grad-cam needs it, and works with
-    frozen parameters (the input requires grad). Deterministic on the CPU.
+    of ``model``, a list of them (maps averaged), a name for :func:`target_layers`, or None
+    (the last conv block; of each member of an ensemble). The model is moved to
+    ``device`` and run in eval mode; its train/eval mode is restored afterwards, its
+    parameter gradients are cleared (``.grad = None``), and no hooks stay behind.
+    Autograd is switched on inside (also under ``torch.no_grad``/``inference_mode``), as
+    pytorch-grad-cam needs it, and works with frozen parameters (the input requires grad).
+    Deterministic on the CPU.
     """
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}: choose from {list(METHODS)}")
     arr = _as_tiles(tiles)
     n, _, h, w = arr.shape
     batches = _batches(n, batch_size)
-    layers = [layer] if isinstance(layer, nn.Module) else target_layers(model, layer)
+    if isinstance(layer, nn.Module):
+        layers = [layer]
+    elif isinstance(layer, list | tuple):
+        layers = list(layer)
+    else:
+        layers = target_layers(model, layer)
     device = torch.device(device)
     was_training = model.training
     out = np.empty((n, h, w), dtype=np.float32)
@@ -312,6 +315,43 @@ def localization_summary(
             out[f"{name}_{key}"] = float(np.mean(finite)) if finite else math.nan
     out["n_tiles"] = int(keep.sum())
     return out
+
+
+def best_layers(
+    model: nn.Module,
+    tiles: np.ndarray,
+    masks: np.ndarray,
+    names: Sequence[str],
+    method: str = DEFAULT_METHOD,
+    batch_size: int = 64,
+) -> tuple[list[str], list[dict[str, float]]]:
+    """Of the layers ``names``, the one whose maps put the most energy on ``masks`` (mean
+    energy ratio; the first of equals), for the model or for each member of an ensemble on
+    its own: which intermediate layer localizes depends on the training seed.
+
+    Names a network lacks are skipped (searched CNNs differ in depth); none found is a
+    ValueError. Returns the chosen name per network and each network's ratio per name.
+    Choose on validation tiles, so that test-split localization figures stay unbiased.
+    """
+    networks = list(model.members) if isinstance(model, Ensemble) else [model]
+    chosen, scores = [], []
+    for net in networks:
+        present = [n for n in names if n in dict(net.named_modules())]
+        if not present:
+            raise ValueError(
+                f"{type(net).__name__} has none of the layers {list(names)}; layers with "
+                f"convolutions: {', '.join(_layer_names(net))}"
+            )
+        ratios = {
+            n: localization_summary(compute_cams(net, tiles, method, n, batch_size), masks)[
+                "cam_energy_ratio"
+            ]
+            for n in present
+        }
+        finite = {n: r for n, r in ratios.items() if not math.isnan(r)}
+        chosen.append(max(finite, key=finite.__getitem__) if finite else present[0])
+        scores.append(ratios)
+    return chosen, scores
 
 
 # ---------------------------------------------------------------------- faithfulness

@@ -9,7 +9,10 @@ split:
 - localization on failed tiles with visible ground-truth damage (evenly spaced through
   the test split): the energy ratio and IoU of the maps against the damage masks, the
   same for a uniform and a centre-bias map, and ROAD faithfulness
-  (:mod:`bonedamage.explain.gradcam`).
+  (:mod:`bonedamage.explain.gradcam`);
+- the target layer: ``explain.layer``, or of ``explain.layer_choices`` the one that
+  localizes best on the validation split's damaged tiles (per member of an ensemble),
+  with every candidate's validation energy ratio in ``layers.json``.
 
 Everything goes under ``reports/gradcam/<tissue>/<model>/`` and into
 ``metrics/<tissue>-gradcam.json``, and into the model's MLflow training run (artifacts
@@ -33,7 +36,7 @@ from bonedamage.data.tiling import damage_masks
 from bonedamage.explain import gradcam
 from bonedamage.learn.data import split_rows
 from bonedamage.learn.evaluate import THRESHOLD, write_json
-from bonedamage.learn.models import build_module
+from bonedamage.learn.models import Ensemble, build_module
 from bonedamage.learn.train import seed_everything
 from bonedamage.lifecycle.registry import Candidate, candidates
 from bonedamage.lifecycle.tracking import version_tags
@@ -90,26 +93,56 @@ def export_outcomes(
     return index
 
 
-def localization(
-    model: Any,
+def damaged_tiles(
     store: TileStore,
     data_root: Path,
     positions: np.ndarray,
     labels: np.ndarray,
     cfg: dict[str, Any],
-    layer: str | None,
-) -> dict[str, Any]:
-    """Localization and faithfulness on failed test tiles with visible damage."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Failed tiles with visible ground-truth damage, evenly spaced (at most
+    ``localization_tiles``), and their damage masks; empty arrays when there are none."""
     frac = store.index["damage_fraction"].to_numpy()[positions]
     visible = positions[(labels == 1) & (frac >= float(cfg["visible_damage_fraction"]))]
     chosen = visible[evenly_spaced(len(visible), int(cfg["localization_tiles"]))]
     if len(chosen) == 0:
+        return np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), bool)
+    return store.tiles(chosen), damage_masks(data_root, store.index.iloc[chosen])
+
+
+def choose_layer(
+    model: Any, tiles: np.ndarray, masks: np.ndarray, cfg: dict[str, Any], architecture: str
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The Grad-CAM target layer(s) of ``model``: of ``explain.layer_choices``, the one
+    that localizes best on the given (validation) tiles, per member of an ensemble;
+    ``explain.layer`` when the architecture has no choices or no tile has a damage mask.
+
+    Returns the layer for :func:`gradcam.compute_cams`, the metrics that record the
+    choice, and each network's validation energy ratio per candidate.
+    """
+    names = (cfg.get("layer_choices") or {}).get(architecture)
+    if not names or not masks.any():
+        layer = layer_for(cfg, architecture)
+        return layer, {"layer": layer or "last conv block"}, {}
+    method, batch = cfg["method"], int(cfg["batch_size"])
+    chosen, scores = gradcam.best_layers(model, tiles, masks, names, method, batch)
+    networks = list(model.members) if isinstance(model, Ensemble) else [model]
+    layers = [net.get_submodule(name) for net, name in zip(networks, chosen, strict=True)]
+    cams = gradcam.compute_cams(model, tiles, method, layers, batch)
+    val = gradcam.localization_summary(cams, masks)["cam_energy_ratio"]
+    record = {"layer": ",".join(chosen), "val_cam_energy_ratio": val}
+    return layers, record, {"chosen": chosen, "val_cam_energy_ratio": scores}
+
+
+def localization(
+    model: Any, tiles: np.ndarray, masks: np.ndarray, cfg: dict[str, Any], layer: Any
+) -> dict[str, Any]:
+    """Localization and faithfulness on failed test tiles with visible damage."""
+    if len(tiles) == 0:
         return {"n_tiles": 0}
-    tiles = store.tiles(chosen)
-    masks = damage_masks(data_root, store.index.iloc[chosen])
     cams = gradcam.compute_cams(model, tiles, cfg["method"], layer, int(cfg["batch_size"]))
     summary = gradcam.localization_summary(cams, masks)
-    some = evenly_spaced(len(chosen), int(cfg["faithfulness_tiles"]))
+    some = evenly_spaced(len(tiles), int(cfg["faithfulness_tiles"]))
     summary["faithfulness_road"] = gradcam.faithfulness(
         model, tiles[some], cams[some], seed=int(cfg["seed"])
     )
@@ -167,6 +200,8 @@ def run_explain(
     seed_everything(int(cfg["seed"]), int(params["train"]["threads"]))
     store, table = TileStore(tiles), pd.read_parquet(splits)
     positions, labels = split_rows(store, table, tissue, "grouped", "test")
+    test = damaged_tiles(store, data_root, positions, labels, cfg)
+    val = damaged_tiles(store, data_root, *split_rows(store, table, tissue, "grouped", "val"), cfg)
     cands = candidates(
         params["registry"]["prefix"], tissue, models, json.loads(metrics.read_text()),
         params["resnet"]["inits"],
@@ -176,11 +211,16 @@ def run_explain(
         for cand in cands:
             model = build_module(cand.meta, cand.weights)
             prob = gradcam.failed_probability(model, store.tiles(positions))
-            layer = layer_for(cfg, cand.architecture)
+            layer, record, scores = choose_layer(model, *val, cfg, cand.architecture)
             export_outcomes(model, store, positions, labels, prob, cfg, layer, staging / cand.key)
+            if scores:
+                write_text_atomic(
+                    staging / cand.key / "layers.json", json.dumps(scores, indent=2) + "\n"
+                )
             results[cand.key] = {
                 "method": cfg["method"],
-                **localization(model, store, data_root, positions, labels, cfg, layer),
+                **record,
+                **localization(model, *test, cfg, layer),
             }
     write_json(out, results)
     for cand in cands:

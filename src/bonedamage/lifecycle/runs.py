@@ -44,9 +44,11 @@ def _inputs(tiles: Path, splits: Path) -> tuple[TileStore, pd.DataFrame]:
     return TileStore(tiles), pd.read_parquet(splits)
 
 
-def _lr_schedule(params: dict[str, Any]) -> str:
-    """The learning-rate schedule of every training run (``train.lr_schedule``)."""
-    return TrainConfig.from_params(params["train"]).lr_schedule
+def _loop_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The shared training-loop settings a run logs (``train``: learning-rate schedule,
+    memory layout)."""
+    cfg = TrainConfig.from_params(params["train"])
+    return {"lr_schedule": cfg.lr_schedule, "channels_last": cfg.channels_last}
 
 
 @contextmanager
@@ -83,7 +85,7 @@ def run_search(
             {
                 "n_trials": cfg["n_trials"],
                 "epochs": cfg["epochs"],
-                "lr_schedule": _lr_schedule(params),
+                **_loop_params(params),
                 "storage": cfg["storage"],
                 "pruner": json.dumps(cfg["pruner"]),
                 "space": json.dumps(cfg["space"], sort_keys=True),
@@ -121,7 +123,7 @@ def run_train_cnn(
     config = json.loads(best.read_text())
     recipe = {k: config[k] for k in ("lr", "weight_decay", "batch_size", "augment_strength")}
     members = params.get("cnn", {}).get("ensemble", 1)
-    schedule = _lr_schedule(params)
+    loop = _loop_params(params)
     scores = {}
     for scheme, name in (("grouped", "cnn"), ("leaky", "cnn_leaky")):
         with _stage_run(
@@ -131,7 +133,7 @@ def run_train_cnn(
                 **config["arch"],
                 **recipe,
                 "scheme": scheme,
-                "lr_schedule": schedule,
+                **loop,
                 **({"ensemble": members} if members != 1 else {}),
             },
         ) as tracks:
@@ -166,11 +168,7 @@ def _finish_ensemble(
     """:func:`_finish` for an ensemble: each member's history under ``member<k>_``, the
     ensemble's validation score, and a sidecar naming the members."""
     for k, member in enumerate(fits, 1):
-        for row in member.history:
-            mlflow.log_metrics(
-                {f"member{k}_{kk}": v for kk, v in row.items() if kk != "epoch"},
-                step=int(row["epoch"]),
-            )
+        log_history(member.history, prefix=f"member{k}_")
     mlflow.log_metrics(
         {
             "best_val_balanced_accuracy": score,
@@ -246,6 +244,7 @@ def run_pretrain(
             "task": "rotation",
             "epochs": cfg.epochs,
             "lr_schedule": cfg.lr_schedule,
+            "channels_last": cfg.channels_last,
         },
     ) as tracks:
         result = pretrain(model, train, val, cfg)
@@ -271,11 +270,11 @@ def run_train_resnet(
 ) -> dict[str, float]:
     """Fine-tune one ResNet per init in ``resnet.inits``."""
     store, table = _inputs(tiles, splits)
-    defaults = {"stem": DEFAULT_STEM, "lr_schedule": _lr_schedule(params)}
+    defaults = {"stem": DEFAULT_STEM, **_loop_params(params)}
     rcfg = {**defaults, **params["train"], **params["resnet"]}
     scores = {}
     logged = ("arch", "stem", "freeze_epochs", "epochs", "lr", "lr_schedule", "weight_decay")
-    logged += ("batch_size",)
+    logged += ("batch_size", "channels_last")
     for init in params["resnet"]["inits"]:
         with _stage_run(
             f"resnet_{init}-{tissue}",

@@ -169,10 +169,13 @@ def version_tags(repo: Path = Path()) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v is not None}
 
 
-def log_history(history: list[dict[str, float]]) -> None:
-    """Per-epoch metrics of a fit, stepped by epoch."""
+def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
+    """Per-epoch metrics of a fit, stepped by epoch; ``prefix`` tells fits logged to one run
+    apart (an ensemble's members)."""
     for row in history:
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        mlflow.log_metrics(
+            {f"{prefix}{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+        )
 
 
 class MlflowSearchHooks:
