@@ -1,14 +1,17 @@
 """Benchmark training: the real data loader against pre-loaded tensors, and pruning's savings.
 
     python bench/bench_train.py [--tissue trabecular] [--epochs 2] [--repeats 3] [--trials 8]
-                                [--trial-epochs N]
+                                [--trial-epochs N] [--arch searched|small]
                                 [--pruner median,percentile,hyperband,successive_halving:4]
 
 Needs the tile store and splits of the default pipeline (``dvc repro split``).
-1. Throughput: tiles/s of the searched-space CNN trained through the real loader
-   (chunked tile store, per-item normalisation and augmentation) against the same model
-   and batches from tensors already in memory, ``--repeats`` times each in alternating
-   order; prints each pair and the ratio of the medians (goal >= 0.9).
+1. Throughput: tiles/s of a CNN trained through the real loader (chunked tile store,
+   per-item normalisation and augmentation) against the same model and batches from
+   tensors already in memory, ``--repeats`` times each in alternating order; prints each
+   pair and the ratio of the medians (goal >= 0.9). ``--arch searched`` (the default when
+   ``models/<tissue>/cnn_search.json`` exists): the architecture and batch size the
+   pipeline's CNN trains with; ``small``: a fixed 3-block CNN of the search space, batch 64
+   (the loader's share of its steps is larger).
 2. Pruning: the same Optuna trial budget (``--trials`` of ``--trial-epochs`` epochs)
    without a pruner, then with the pruner of ``search.pruner`` (or each of ``--pruner``;
    ``kind:N`` sets a Hyperband or successive-halving ``reduction_factor`` of N);
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -56,12 +60,16 @@ def throughput(
     tissue: str,
     epochs: int,
     repeats: int,
+    searched: dict | None = None,
 ) -> None:
     positions, labels = split_rows(store, splits, tissue, "grouped", "train")
     val = make_loader(
         TileDataset(store, *split_rows(store, splits, tissue, "grouped", "val")), 256, shuffle=False
     )
-    cfg = TrainConfig.from_params(params["train"], epochs=epochs, patience=epochs)
+    batch = {"batch_size": searched["batch_size"]} if searched else {}
+    cfg = TrainConfig.from_params(params["train"], epochs=epochs, patience=epochs, **batch)
+    arch = searched["arch"] if searched else ARCH
+    print(f"{'searched' if searched else 'small'} CNN {arch}, batch {cfg.batch_size}")
     augment = Augment.from_params(params["augment"])
     real = make_loader(
         TileDataset(store, positions, labels, augment, cfg.seed),
@@ -85,7 +93,7 @@ def throughput(
         for name in sorted(loaders, reverse=repeat % 2 == 1):
             seed_everything(cfg.seed, cfg.threads)
             t0 = time.perf_counter()
-            fit(build_cnn(ARCH, store.channels(tissue)), loaders[name], val, cfg)
+            fit(build_cnn(arch, store.channels(tissue)), loaders[name], val, cfg)
             rates[name].append(len(positions) * epochs / (time.perf_counter() - t0))
         print(
             f"repeat {repeat + 1}        real loader {rates['real loader'][-1]:6.0f} tiles/s, "
@@ -158,6 +166,12 @@ def main() -> None:
         "successive_halving; kind:N sets the reduction factor (default: params.yaml "
         "search.pruner.kind)",
     )
+    parser.add_argument(
+        "--arch",
+        choices=("searched", "small"),
+        help="throughput CNN: the committed search's best (models/<tissue>/cnn_search.json; "
+        "the default when it exists) or a fixed small one",
+    )
     parser.add_argument("--tiles", default="data/tiles")
     parser.add_argument("--splits", default="data/splits.parquet")
     args = parser.parse_args()
@@ -165,7 +179,13 @@ def main() -> None:
     store, splits = TileStore(args.tiles), pd.read_parquet(args.splits)
     if args.epochs:
         print("== throughput")
-        throughput(params, store, splits, args.tissue, args.epochs, args.repeats)
+        best = Path("models") / args.tissue / "cnn_search.json"
+        if args.arch == "searched" and not best.is_file():
+            parser.error(
+                f"--arch searched: {best} is missing (run `dvc repro search@{args.tissue}`)"
+            )
+        searched = json.loads(best.read_text()) if args.arch != "small" and best.is_file() else None
+        throughput(params, store, splits, args.tissue, args.epochs, args.repeats, searched)
     if not args.trials:
         return
     print("== pruning")
