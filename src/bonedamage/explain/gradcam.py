@@ -134,9 +134,12 @@ def target_layer(model: nn.Module, override: str | None = None) -> nn.Module:
 def target_layers(model: nn.Module, override: str | None = None) -> list[nn.Module]:
     """The layers Grad-CAM looks at: :func:`target_layer` of the model, or of each member of
     an :class:`~bonedamage.learn.models.Ensemble` (pytorch-grad-cam averages their maps)."""
-    if isinstance(model, Ensemble):
-        return [target_layer(member, override) for member in model.members]
-    return [target_layer(model, override)]
+    return [target_layer(net, override) for net in networks(model)]
+
+
+def networks(model: nn.Module) -> list[nn.Module]:
+    """The networks Grad-CAM looks into: the members of an ensemble, else the model."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
 
 
 def compute_cams(
@@ -333,9 +336,8 @@ def best_layers(
     ValueError. Returns the chosen name per network and each network's ratio per name.
     Choose on validation tiles, so that test-split localization figures stay unbiased.
     """
-    networks = list(model.members) if isinstance(model, Ensemble) else [model]
     chosen, scores = [], []
-    for net in networks:
+    for net in networks(model):
         present = [n for n in names if n in dict(net.named_modules())]
         if not present:
             raise ValueError(

@@ -36,7 +36,7 @@ from bonedamage.data.tiling import damage_masks
 from bonedamage.explain import gradcam
 from bonedamage.learn.data import split_rows
 from bonedamage.learn.evaluate import THRESHOLD, write_json
-from bonedamage.learn.models import Ensemble, build_module
+from bonedamage.learn.models import build_module
 from bonedamage.learn.train import seed_everything
 from bonedamage.lifecycle.registry import Candidate, candidates
 from bonedamage.lifecycle.tracking import version_tags
@@ -126,8 +126,8 @@ def choose_layer(
         return layer, {"layer": layer or "last conv block"}, {}
     method, batch = cfg["method"], int(cfg["batch_size"])
     chosen, scores = gradcam.best_layers(model, tiles, masks, names, method, batch)
-    networks = list(model.members) if isinstance(model, Ensemble) else [model]
-    layers = [net.get_submodule(name) for net, name in zip(networks, chosen, strict=True)]
+    nets = gradcam.networks(model)
+    layers = [net.get_submodule(name) for net, name in zip(nets, chosen, strict=True)]
     cams = gradcam.compute_cams(model, tiles, method, layers, batch)
     val = gradcam.localization_summary(cams, masks)["cam_energy_ratio"]
     record = {"layer": ",".join(chosen), "val_cam_energy_ratio": val}
