@@ -180,11 +180,12 @@ def main() -> None:
     if args.epochs:
         print("== throughput")
         best = Path("models") / args.tissue / "cnn_search.json"
-        if args.arch == "searched" and not best.is_file():
+        use_search = args.arch == "searched" or (args.arch is None and best.is_file())
+        if use_search and not best.is_file():
             parser.error(
                 f"--arch searched: {best} is missing (run `dvc repro search@{args.tissue}`)"
             )
-        searched = json.loads(best.read_text()) if args.arch != "small" and best.is_file() else None
+        searched = json.loads(best.read_text()) if use_search else None
         throughput(params, store, splits, args.tissue, args.epochs, args.repeats, searched)
     if not args.trials:
         return

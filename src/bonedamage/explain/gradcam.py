@@ -338,7 +338,8 @@ def best_layers(
     """
     chosen, scores = [], []
     for net in networks(model):
-        present = [n for n in names if n in dict(net.named_modules())]
+        modules = dict(net.named_modules())
+        present = [n for n in names if n in modules]
         if not present:
             raise ValueError(
                 f"{type(net).__name__} has none of the layers {list(names)}; layers with "
