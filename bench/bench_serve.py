@@ -1,19 +1,32 @@
-"""Load benchmark: a champion model behind ``mlflow models serve``, hit by concurrent clients.
+"""Load benchmark: a model behind ``mlflow models serve``, requests of 1, 64 and 512 tiles.
 
-    python bench/bench_serve.py [--tissue cortical] [--model-uri URI] [--batch 8]
-        [--concurrency 8] [--requests 200] [--workers 1]
+    python bench/bench_serve.py [--tissue cortical] [--sizes 1,64,512] [--requests 40]
+        [--budget-s 60] [--concurrency 1] [--workers 1] [--model-uri URI | --stand-in]
 
-Starts ``mlflow models serve -m models:/bonedamage-<tissue>@champion --env-manager local``
-on a free local port (the repository's MLflow store unless MLFLOW_TRACKING_URI says
-otherwise) and waits for ``/ping``. Requests carry ``--batch`` raw test tiles of one scan
-each (the grouped test split of the tissue, read with the project's TileStore, in the
-scans' dtype as the pyfunc expects them) with that scan's ``norm_lo`` / ``norm_hi``. A
-separate client process sends ``--requests`` of them with ``--concurrency`` threads
-(urllib only) and checks every answer: HTTP 200 and one prediction per tile with
-``prob_failed`` in [0, 1]. Prints the latency percentiles, requests/s and tiles/s, and
-the server's start time. Goal: no errors at the default load; the figures are for
-comparing settings (``--workers``, ``--batch``) on one machine. Exits 1 on any error. The
-server's whole process group is stopped on the way out, errors and Ctrl-C included.
+The model: ``--model-uri``, else ``models:/bonedamage-<tissue>@champion`` in the
+repository's MLflow store (MLFLOW_TRACKING_URI, else params ``mlflow.db``) when that store
+holds it. Otherwise, or with ``--stand-in``, a stand-in registered in a temporary store
+(removed afterwards): the tissue's searched CNN (``models/<tissue>/cnn_search.json``, an
+ensemble of ``cnn.ensemble`` members as ``train_cnn`` builds it, seeded random weights),
+logged as ``register`` logs a model (model code, signature, tiling, input example). It
+costs what the champion costs per tile; its answers mean nothing.
+
+The requests: raw tiles of one scan each with that scan's ``norm_lo`` / ``norm_hi``, from
+the grouped test split of ``data/tiles`` when it exists (a scan's tiles repeated to fill a
+request larger than its test split), else seeded random uint16 tiles of the tissue's tile
+shape (values below 60000: as long in JSON as a scan's raw values, or longer).
+
+The method: the server binds 127.0.0.1 on a free port (``--env-manager local``, with the
+interpreter's ``bin`` on PATH, where ``mlflow models serve`` finds ``uvicorn``). A separate
+client process (urllib, ``--concurrency`` threads) sends, per size, ``--warmup`` untimed
+requests, then up to ``--requests`` timed ones, and stops a size early once ``--budget-s``
+seconds of it have passed; every answer is checked (HTTP 200, one prediction per tile,
+``prob_failed`` in [0, 1]). Printed per size: requests, errors, latency p50/p90/p99
+(nearest rank), tiles/s and requests/s, and, measured in this process on the same tiles
+(best of 2 after a warm-up call), the server's decoding of one body (``json.loads`` and
+MLflow's ``infer_and_parse_data``) and the model's own time (``classify``); then the
+server's start time and the machine. Exits 1 on any error. The server's whole process group is
+stopped on the way out, errors and Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -21,13 +34,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
+import platform
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,50 +53,130 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+STAND_IN_HIGH = 60000  # synthetic raw tiles: uint16 values in [0, 60000)
+
+
+# -- the model -----------------------------------------------------------------------------
+def champion_in_store(uri: str, name: str) -> bool:
+    """Whether the store at ``uri`` has ``name@champion`` (False for a missing SQLite file:
+    asking MLflow would create an empty store there)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+            name, "champion"
+        )
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True
+
+
+def register_stand_in(tissue: str, params: dict[str, Any], store: Path) -> tuple[str, str]:
+    """Register the stand-in (see the module docstring) in a SQLite store under ``store``;
+    return its tracking URI and model URI."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from bonedamage.data.tiling import TileSettings
+    from bonedamage.learn.final import save_model
+    from bonedamage.learn.models import build_module
+    from bonedamage.lifecycle.pyfunc import MODEL_CODE
+    from bonedamage.lifecycle.registry import signature, tiling_info
+
+    search = ROOT / "models" / tissue / "cnn_search.json"
+    if not search.is_file():
+        raise SystemExit(f"{search}: no searched architecture (run `dvc repro search@{tissue}`)")
+    s = TileSettings.from_params(params["tile"], tissue)
+    meta = {
+        "kind": "cnn",
+        "arch": json.loads(search.read_text())["arch"],
+        "members": int(params.get("cnn", {}).get("ensemble", 1)),
+        "in_channels": s.channels,
+        "tile_px": s.tile_px,
+        "tissue": tissue,
+    }
+    torch.manual_seed(0)
+    save_model(store / "cnn.pt", build_module(meta), meta)
+    (store / "tiling.json").write_text(
+        json.dumps(tiling_info(params["tile"], tissue, s.tile_px, s.channels), indent=2)
+    )
+    px = s.tile_px
+    example = stand_in_tiles(1, (px, px) if s.channels == 1 else (s.channels, px, px), seed=1)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    name = f"bench-serve-{tissue}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("bench-serve", (store / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment, run_name=f"register-{name}"):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={
+                "weights": str(store / "cnn.pt"),
+                "meta": str(store / "cnn.json"),
+                "tiling": str(store / "tiling.json"),
+            },
+            code_paths=[str(ROOT / "src" / "bonedamage")],
+            signature=signature(example.shape[1:], np.dtype(example.dtype)),
+            input_example=(example, {"norm_lo": 0.0, "norm_hi": float(STAND_IN_HIGH)}),
+            pip_requirements=[],
+        )
+    version = mlflow.register_model(info.model_uri, name)
+    MlflowClient().set_registered_model_alias(name, "champion", version.version)
+    return uri, f"models:/{name}@champion"
 
 
 # -- requests ------------------------------------------------------------------------------
-def request_bodies(
-    tissue: str, tiles: Path, splits: Path, params: Path, batch: int
-) -> tuple[list[bytes], int, str]:
-    """JSON bodies of ``batch`` raw test tiles of one scan each; the tile size and dtype.
-
-    Tiles are taken in split order, scan by scan; a scan's last incomplete batch is left
-    out, so every request carries exactly ``batch`` tiles.
-    """
+def stand_in_tiles(n: int, shape: tuple[int, ...], seed: int) -> Any:
     import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, STAND_IN_HIGH, (n, *shape)).astype(np.uint16)
+
+
+def request_tiles(
+    tissue: str, tiles: Path, splits: Path, shape: tuple[int, ...], size: int, distinct: int
+) -> tuple[list[tuple[Any, float, float]], str]:
+    """``distinct`` requests of ``size`` raw tiles, each of one scan with its range; and
+    where the tiles come from."""
+    import numpy as np
+
+    if not (tiles.is_dir() and splits.is_file()):
+        requests = [stand_in_tiles(size, shape, seed=size * 100 + i) for i in range(distinct)]
+        return [(raw, 0.0, float(STAND_IN_HIGH)) for raw in requests], "random uint16 tiles"
     import pandas as pd
 
-    from bonedamage.config import load_params, section
     from bonedamage.data.tilestore import TileStore
     from bonedamage.learn.data import split_rows
 
-    tile_cfg = section(load_params(params), "tile", params)
-    want_px = round(tile_cfg["tile_um"][tissue] / tile_cfg["working_voxel_um"][tissue])
     store = TileStore(tiles)
     positions, _ = split_rows(store, pd.read_parquet(splits), tissue, "grouped", "test")
     if len(positions) == 0:
         raise SystemExit(f"no {tissue} tiles in the grouped test split of {splits}")
     index = store.index.iloc[positions].assign(position=positions)
-    tile_px = int(index["tile_px"].iloc[0])
-    if tile_px != want_px:
-        print(f"warning: stored tiles are {tile_px} px, {params} says {want_px} px")
-    bodies: list[bytes] = []
-    dtype = ""
-    for _, scan in index.groupby("scan_id", sort=False):
-        rows = scan["position"].to_numpy()
-        lo, hi = float(scan["norm_lo"].iloc[0]), float(scan["norm_hi"].iloc[0])
-        for start in range(0, len(rows) - batch + 1, batch):
-            raw = np.stack([store.raw(int(p)) for p in rows[start : start + batch]])
-            dtype = str(raw.dtype)
-            body = {"inputs": raw.tolist(), "params": {"norm_lo": lo, "norm_hi": hi}}
-            bodies.append(json.dumps(body).encode())
-    if not bodies:
-        raise SystemExit(f"no scan has {batch} test tiles of {tissue}: lower --batch")
-    return bodies, tile_px, dtype
+    scans = [scan for _, scan in index.groupby("scan_id", sort=False)]
+    out = []
+    for i in range(distinct):
+        scan = scans[i % len(scans)]
+        rows = np.resize(scan["position"].to_numpy(), size)  # repeated when too few
+        raw = np.stack([store.raw(int(p)) for p in rows])
+        if raw.shape[1:] != shape:
+            raise SystemExit(f"{tiles}: tiles of shape {raw.shape[1:]}, the model takes {shape}")
+        out.append((raw, float(scan["norm_lo"].iloc[0]), float(scan["norm_hi"].iloc[0])))
+    return out, f"test tiles of {tiles}"
 
 
-def check_answer(status: int, payload: bytes, batch: int) -> str | None:
+def body(raw: Any, lo: float, hi: float) -> bytes:
+    return json.dumps({"inputs": raw.tolist(), "params": {"norm_lo": lo, "norm_hi": hi}}).encode()
+
+
+def check_answer(status: int, payload: bytes, n: int) -> str | None:
     """None for a good answer, else what is wrong with it."""
     if status != 200:
         return f"HTTP {status}: {payload[:200]!r}"
@@ -88,9 +184,9 @@ def check_answer(status: int, payload: bytes, batch: int) -> str | None:
         predictions = json.loads(payload)["predictions"]
     except (ValueError, KeyError, TypeError) as exc:
         return f"not a JSON answer with predictions ({exc}): {payload[:200]!r}"
-    if not isinstance(predictions, list) or len(predictions) != batch:
-        n = len(predictions) if isinstance(predictions, list) else type(predictions).__name__
-        return f"{n} predictions for {batch} tiles"
+    if not isinstance(predictions, list) or len(predictions) != n:
+        got = len(predictions) if isinstance(predictions, list) else type(predictions).__name__
+        return f"{got} predictions for {n} tiles"
     for row in predictions:
         prob = row.get("prob_failed") if isinstance(row, dict) else None
         if not isinstance(prob, int | float) or not 0.0 <= prob <= 1.0:
@@ -98,9 +194,9 @@ def check_answer(status: int, payload: bytes, batch: int) -> str | None:
     return None
 
 
-def post(url: str, body: bytes, batch: int, timeout: float) -> tuple[float, str | None]:
+def post(url: str, data: bytes, n: int, timeout: float) -> tuple[float, str | None]:
     """Seconds one request took, and its error (None when the answer is good)."""
-    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -109,21 +205,39 @@ def post(url: str, body: bytes, batch: int, timeout: float) -> tuple[float, str 
         status, payload = exc.code, exc.read()
     except OSError as exc:  # refused, reset, timed out
         return time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"
-    return time.perf_counter() - t0, check_answer(status, payload, batch)
+    return time.perf_counter() - t0, check_answer(status, payload, n)
 
 
 def client(
-    url: str, bodies: list[bytes], batch: int, requests: int, concurrency: int, timeout: float
+    url: str,
+    bodies: list[bytes],
+    n: int,
+    requests: int,
+    concurrency: int,
+    timeout: float,
+    budget_s: float,
 ) -> dict[str, Any]:
-    """The load (run in the client process): ``requests`` posts from ``concurrency`` threads."""
+    """The load of one size (run in the client process): up to ``requests`` posts from
+    ``concurrency`` threads; no new request starts once ``budget_s`` seconds have passed."""
+    lock, issued, results = threading.Lock(), [0], []
+    t0 = time.perf_counter()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = issued[0]
+                if i >= requests or time.perf_counter() - t0 >= budget_s:
+                    return
+                issued[0] += 1
+            outcome = post(url, bodies[i % len(bodies)], n, timeout)
+            with lock:
+                results.append(outcome)
+
     with ThreadPoolExecutor(concurrency) as pool:
-        t0 = time.perf_counter()
-        results = list(
-            pool.map(lambda i: post(url, bodies[i % len(bodies)], batch, timeout), range(requests))
-        )
-        wall = time.perf_counter() - t0
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
     return {
-        "wall_s": wall,
+        "wall_s": time.perf_counter() - t0,
         "latency_s": [seconds for seconds, _ in results],
         "errors": [error for _, error in results if error is not None],
     }
@@ -133,6 +247,26 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (no interpolation) of ``values``."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def best_seconds(call: Any, repeat: int = 2) -> float:
+    """Best of ``repeat`` timed calls after an untimed one (PyTorch's first call on a new
+    batch shape prepares its kernels)."""
+    call()
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def decode(data: bytes) -> Any:
+    """What the scoring server does with a body before the model sees it (MLflow 3.17)."""
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    request = json.loads(data)
+    return infer_and_parse_data({"inputs": request["inputs"]}, None)
 
 
 # -- server --------------------------------------------------------------------------------
@@ -194,82 +328,151 @@ def sigterm_to_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} CPUs visible, {platform.system()} {platform.release()}"
+
+
+def sizes_arg(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tissue", choices=["cortical", "trabecular"], default="cortical")
     parser.add_argument("--model-uri", help="default: models:/bonedamage-<tissue>@champion")
-    parser.add_argument("--batch", type=int, default=8, help="tiles per request")
-    parser.add_argument("--concurrency", type=int, default=8, help="client threads")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=4, help="requests before timing")
+    parser.add_argument("--stand-in", action="store_true", help="serve the stand-in model")
+    parser.add_argument("--sizes", type=sizes_arg, default=[1, 64, 512], help="tiles/request")
+    parser.add_argument("--requests", type=int, default=40, help="timed requests per size")
+    parser.add_argument("--budget-s", type=float, default=60, help="seconds per size (at most)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed requests per size")
+    parser.add_argument("--distinct", type=int, default=2, help="distinct bodies per size")
+    parser.add_argument("--concurrency", type=int, default=1, help="client threads")
     parser.add_argument("--workers", type=int, default=1, help="mlflow models serve --workers")
-    parser.add_argument("--timeout", type=float, default=60, help="seconds per request")
+    parser.add_argument("--timeout", type=float, default=90, help="client seconds per request")
     parser.add_argument("--start-timeout", type=float, default=180, help="seconds for /ping")
     parser.add_argument("--tiles", type=Path, default=ROOT / "data/tiles")
     parser.add_argument("--splits", type=Path, default=ROOT / "data/splits.parquet")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--log", type=Path, help="keep the server's output here")
     args = parser.parse_args()
-    if min(args.batch, args.concurrency, args.requests, args.workers) < 1 or args.warmup < 0:
-        parser.error("--batch, --concurrency, --requests, --workers >= 1; --warmup >= 0")
+    if min(args.requests, args.concurrency, args.workers, args.distinct) < 1:
+        parser.error("--requests, --concurrency, --workers and --distinct must be >= 1")
+    if min(args.warmup, args.budget_s) < 0:
+        parser.error("--warmup and --budget-s must be >= 0")
+    if args.stand_in and args.model_uri:
+        parser.error("--stand-in and --model-uri exclude each other")
+    import mlflow
+
     from bonedamage.config import load_params
+    from bonedamage.lifecycle import tracking  # noqa: F401 - MLflow offline
 
-    uri = args.model_uri or f"models:/bonedamage-{args.tissue}@champion"
+    for logger in ("mlflow", "alembic"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    from bonedamage.lifecycle.pyfunc import load_classifier
 
-    bodies, tile_px, dtype = request_bodies(
-        args.tissue, args.tiles, args.splits, args.params, args.batch
-    )
+    params = load_params(args.params)
     env = dict(os.environ)
-    db = ROOT / load_params(args.params)["mlflow"]["db"]  # as tracking.configure does
+    db = ROOT / params["mlflow"]["db"]  # as tracking.configure does
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{db.resolve()}")
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("DO_NOT_TRACK", "true")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri,
-           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(args.workers)]  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    name = f"bonedamage-{args.tissue}"
 
     signal.signal(signal.SIGTERM, sigterm_to_interrupt)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        uri, what = args.model_uri, "the given model"
+        if uri is None and not args.stand_in:
+            if champion_in_store(env["MLFLOW_TRACKING_URI"], name):
+                uri, what = f"models:/{name}@champion", "the champion"
+            else:
+                print(f"note: {env['MLFLOW_TRACKING_URI']} has no {name}@champion: serving a "
+                      "stand-in (--stand-in)", file=sys.stderr)  # fmt: skip
+        if uri is None:
+            env["MLFLOW_TRACKING_URI"], uri = register_stand_in(args.tissue, params, Path(tmp))
+            what = "stand-in: searched CNN, random weights"
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        model = load_classifier(uri)
+        shape, per_size, source = model.tile_shape, {}, ""
+        for size in args.sizes:
+            requests, source = request_tiles(
+                args.tissue, args.tiles, args.splits, shape, size, args.distinct
+            )
+            bodies = [body(*r) for r in requests]
+            per_size[size] = {
+                "bodies": bodies,
+                "decode_s": best_seconds(lambda b=bodies[0]: decode(b)),
+                "model_s": best_seconds(lambda r=requests[0]: model.classify(*r)),
+            }
+        port = free_port()
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", uri,
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(args.workers)]  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
         log = args.log or Path(tmp) / "serve.log"
         proc = start_server(cmd, env, log)
-        died = None
+        died, loads = None, {}
         try:
             start_s = wait_ready(proc, f"{base}/ping", args.start_timeout, log)
-            # the load comes from another process, so that the client's threads and JSON
-            # work share no interpreter (nor GIL) with anything else; leaving the block
-            # terminates it
+            # the load comes from another process, so that the client's threads share no
+            # interpreter (nor GIL) with anything else; leaving the block terminates it
             with get_context("spawn").Pool(1) as pool:
-                common = (f"{base}/invocations", bodies, args.batch)
-                warm = pool.apply(client, (*common, args.warmup, args.concurrency, args.timeout))
-                load = pool.apply(client, (*common, args.requests, args.concurrency, args.timeout))
+                for size, job in per_size.items():
+                    common = (f"{base}/invocations", job["bodies"], size)
+                    warm = pool.apply(
+                        client, (*common, args.warmup, args.concurrency, args.timeout, math.inf)
+                    )
+                    load = pool.apply(
+                        client,
+                        (*common, args.requests, args.concurrency, args.timeout, args.budget_s),
+                    )
+                    load["errors"] += warm["errors"]
+                    loads[size] = load
             died = proc.poll()
         except KeyboardInterrupt:
             print("interrupted: stopping the server", file=sys.stderr)
             raise SystemExit(130) from None
         finally:
             stop_server(proc)
-        errors = warm["errors"] + load["errors"]
         if died is not None:
-            errors.append(f"the server exited with code {died} during the load")
             print(f"server output ends with:\n{log_tail(log)}", file=sys.stderr)
 
-    lat_ms = [s * 1000 for s in load["latency_s"]]
-    wall = load["wall_s"]
-    print(f"model            {uri} (workers {args.workers}; {tile_px} px {dtype} tiles)")
-    print(f"requests         {args.requests} (+{args.warmup} warm-up, not timed)")
-    print(f"errors           {len(errors)}")
-    print(f"concurrency      {args.concurrency}")
-    print(f"batch            {args.batch} tiles/request ({len(bodies)} distinct requests)")
-    print(f"latency p50      {percentile(lat_ms, 50):8.1f} ms")
-    print(f"latency p90      {percentile(lat_ms, 90):8.1f} ms")
-    print(f"latency p99      {percentile(lat_ms, 99):8.1f} ms")
-    print(f"throughput       {args.requests / wall:8.1f} requests/s")
-    print(f"throughput       {args.requests * args.batch / wall:8.1f} tiles/s")
-    print(f"server start     {start_s:8.1f} s (to the first /ping answer)")
+    print(f"model       {uri} ({what}; {args.workers} worker(s))")
+    dims = ", ".join(str(v) for v in shape)
+    print(f"tiles       {source}, (n, {dims}) per request, with one scan's norm_lo/norm_hi")
+    print(f"client      {args.concurrency} thread(s), {args.warmup} warm-up request(s) per size")
+    print(f"machine     {machine()}")
+    print(f"server      up in {start_s:.1f} s (to the first /ping answer)")
+    head = (f"{'tiles/req':>9} {'MB/req':>7} {'requests':>8} {'errors':>6} {'p50 ms':>9} "
+            f"{'p90 ms':>9} {'p99 ms':>9} {'tiles/s':>8} {'req/s':>7} {'decode ms':>9} "
+            f"{'model ms':>9}")  # fmt: skip
+    print(head)
+    errors = []
+    for size, load in loads.items():
+        lat = [s * 1000 for s in load["latency_s"]]
+        done, wall, mb = len(lat), load["wall_s"], len(per_size[size]["bodies"][0]) / 1e6
+        errors += load["errors"]
+        print(
+            f"{size:>9} {mb:>7.2f} {done:>8} {len(load['errors']):>6} "
+            f"{percentile(lat, 50):>9.1f} {percentile(lat, 90):>9.1f} "
+            f"{percentile(lat, 99):>9.1f} {done * size / wall:>8.1f} {done / wall:>7.2f} "
+            f"{per_size[size]['decode_s'] * 1000:>9.1f} {per_size[size]['model_s'] * 1000:>9.1f}"
+        )
+    if died is not None:
+        errors.append(f"the server exited with code {died} during the load")
     if errors:
         shown = sorted(set(errors))[:5]
         print(f"first errors ({len(set(errors))} distinct):", *shown, sep="\n  ", file=sys.stderr)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -80,11 +82,25 @@ def running(cmd: list[str], env: dict[str, str], url: str, log: Path):
             pytest.fail(f"{url} did not answer in 120 s: {log.read_text()[-2000:]}")
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # the server exited on its own
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    """POST ``body`` as JSON; (HTTP status, the JSON answer), errors included."""
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 class RunsCode:
@@ -204,10 +220,14 @@ def learn_data(
     return root / "tiles", root / "splits.parquet"
 
 
-def save_tiny_pyfunc(out: Path, params: dict[str, Any], weights: Path | None = None) -> Path:
+def save_tiny_pyfunc(
+    out: Path, params: dict[str, Any], weights: Path | None = None, domain: bool = False
+) -> Path:
     """A trabecular tiny-CNN pyfunc saved to ``out/model`` as registration logs it (model
-    from code, weights + sidecars as artifacts, uint16 signature), without a tracking store.
-    ``weights`` replaces the CNN's state dict (e.g. a bad file); return the model folder."""
+    from code, weights + sidecars as artifacts, the registry's signature), without a
+    tracking store. ``weights`` replaces the CNN's state dict (e.g. a bad file); ``domain`` adds an
+    applicability domain fitted on random tiles that accepts every tile; return the model
+    folder."""
     import json
 
     import mlflow
@@ -231,6 +251,19 @@ def save_tiny_pyfunc(out: Path, params: dict[str, Any], weights: Path | None = N
         "meta": str(out / "cnn.json"),
         "tiling": str(out / "tiling.json"),
     }
+    if domain:
+        from bonedamage.learn import domain as appdomain
+
+        tiles = np.random.default_rng(0).random((64, 16, 16), dtype=np.float32)
+        features = appdomain.penultimate_features(build_cnn(TINY_ARCH), tiles)
+        intensity = appdomain.intensity_stats(tiles)
+        labels = np.arange(64) % 2
+        summary, arrays = appdomain.fit(features, labels, intensity, features, intensity, 0.95)
+        wide = {**summary["intensity"], "lo": [-1e9] * 2, "hi": [1e9] * 2}
+        summary.update(threshold=1e12, intensity=wide, max_voxel_ratio=1.5)
+        summary.update(max_out_of_domain_share=0.25)
+        appdomain.save(summary, arrays, out / "domain.json", out / "domain.npz")
+        artifacts.update(domain=str(out / "domain.json"), domain_arrays=str(out / "domain.npz"))
     with warnings.catch_warnings():  # no input example: saving would load (bad) weights
         warnings.simplefilter("ignore", UserWarning)
         mlflow.pyfunc.save_model(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,123 @@ def test_predict_batch_size_must_be_a_positive_integer(value: str, tmp_path: Pat
     assert exc.value.code == 2
     assert "argument --batch-size:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -- outputs: nothing a command did not write is deleted; modes follow the umask -----------
+def test_every_command_that_writes_a_folder_has_force() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command in ("synth", "tile", "validate", "explain", "predict", "gate"):
+        options = {o for a in sub.choices[command]._actions for o in a.option_strings}
+        assert "--force" in options, command
+
+
+def test_ingested_scans_and_the_manifest_get_the_umask_mode(tmp_path: Path, params: dict) -> None:
+    import os
+
+    from bonedamage.atomic import MARKER
+
+    source = tmp_path / "scan.tif"
+    tifffile.imwrite(source, np.ones((3, 8, 8), np.uint8), photometric="minisblack")
+    root = tmp_path / "raw"
+    p = write_params(tmp_path, params, root)
+    before = os.umask(0o022)
+    try:
+        assert main(["ingest", str(source), "--specimen-id", "S1", "--tissue", "cortical",
+                     "--state", "pristine", "--voxel-size-um", "2", "--params", str(p),
+                     "--no-progress"]) == 0  # fmt: skip
+    finally:
+        os.umask(before)
+    modes = {str(q.relative_to(root)): q.stat().st_mode & 0o777 for q in root.rglob("*")}
+    assert modes == {"manifest.csv": 0o644, "cortical": 0o755, "cortical/S1-pristine.tif": 0o644}
+    assert not (root / MARKER).exists()  # ingest adds to the data root, it does not own it
+
+
+def _stack(path: Path, vol: np.ndarray, voxel_um: float = 20.0) -> Path:
+    meta = {"spacing": voxel_um, "unit": "um"}
+    tifffile.imwrite(path, vol, imagej=True, resolution=(1 / voxel_um, 1 / voxel_um),
+                     metadata=meta)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def predict_inputs(params: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny registered-like model, a scan as one file and the same scan as a folder."""
+    from conftest import save_tiny_pyfunc
+
+    tmp = tmp_path_factory.mktemp("predict-out")
+    vol = np.random.default_rng(1).integers(1000, 50000, (48, 48, 48)).astype(np.uint16)
+    (tmp / "slices").mkdir()
+    for z, plane in enumerate(vol):
+        tifffile.imwrite(tmp / "slices" / f"s{z:03d}.tif", plane, photometric="minisblack")
+    return {
+        "model": save_tiny_pyfunc(tmp / "m", params, domain=True),
+        "scan": _stack(tmp / "scan.tif", vol),
+        "slices": tmp / "slices",
+    }
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _predict(inputs: dict[str, Path], scan: Path, out: Path, *extra: str) -> int:
+    return main(["predict", str(scan), "--model", str(inputs["model"]), "--out", str(out),
+                 "--params", str(inputs["params"]), "--voxel-size-um", "20", "--no-cam",
+                 "--no-progress", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["scan-file", "scan-folder", "inside-scan-folder",
+                                  "contains-the-scan"])  # fmt: skip
+def test_predict_never_writes_over_or_around_its_scan_even_with_force(
+    case: str, predict_inputs: dict[str, Path], cli_params: Path, tmp_path: Path, capsys
+) -> None:
+    """Once: OUT = the scan file moved it to a hidden .scan.tif.old, OUT = the folder of
+    slices deleted every slice; both exited 0."""
+    predict_inputs = dict(predict_inputs, params=cli_params)  # a scratch MLflow store
+    work = tmp_path / "work"
+    shutil.copytree(predict_inputs["scan"].parent, work, ignore=shutil.ignore_patterns("m"))
+    scan, out = {
+        "scan-file": (work / "scan.tif", work / "scan.tif"),
+        "scan-folder": (work / "slices", work / "slices"),
+        "inside-scan-folder": (work / "slices", work / "slices" / "pred"),
+        "contains-the-scan": (work / "scan.tif", work),
+    }[case]
+    before = tree(tmp_path)
+    for force in ((), ("--force",)):
+        assert _predict(predict_inputs, scan, out, *force) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out}: output folder "), err
+        assert "input" in err and "choose another output folder" in err, err
+        assert tree(tmp_path) == before  # the scan as it was; nothing staged, nothing .old
+
+
+def test_predict_replaces_only_its_own_output_folder(
+    predict_inputs: dict[str, Path], cli_params: Path, tmp_path: Path, capsys
+) -> None:
+    import os
+
+    from bonedamage.atomic import MARKER
+
+    predict_inputs = dict(predict_inputs, params=cli_params)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes on this specimen")
+    before = tree(tmp_path)
+    assert _predict(predict_inputs, predict_inputs["scan"], out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: exists and holds files that bonedamage did not write")
+    assert "--force" in err and tree(tmp_path) == before
+    mask = os.umask(0o022)
+    try:
+        assert _predict(predict_inputs, predict_inputs["scan"], out, "--force") == 0
+        assert _predict(predict_inputs, predict_inputs["scan"], out) == 0  # its own: replaced
+    finally:
+        os.umask(mask)
+    names = sorted(p.name for p in out.iterdir())
+    assert "notes.txt" not in names and {MARKER, "verdict.json", "probability.tif"} <= set(names)
+    assert (out / "probability.tif").stat().st_mode & 0o777 == 0o644
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -228,3 +228,43 @@ def test_the_repo_gate_names_what_evaluate_writes(params: dict) -> None:
         committed = json.loads((repo / "metrics" / f"{tissue}.json").read_text())
         for model in cfg["models"]:
             assert set(cfg["metrics"]) <= set(committed[model])
+
+
+# -- the report folder: gate's own, never its inputs -----------------------------------------
+def test_gate_replaces_only_its_own_report_folder(repo: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "gate.md").write_text("a reviewer's notes, not a gate report")
+    args = ["gate", "--repo", str(repo), "--out", str(out), "--params", str(params(repo))]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: exists and holds files that bonedamage did not write")
+    assert [p.name for p in out.iterdir()] == ["gate.md"]
+    assert (out / "gate.md").read_text() == "a reviewer's notes, not a gate report"
+    assert main([*args, "--force"]) == 0
+    assert main(args) == 0  # its own report: replaced
+    assert json.loads((out / "gate.json").read_text())["passed"] is True
+    assert (out / "gate.md").read_text().startswith("### Regression gate")
+
+
+@pytest.mark.parametrize("where", ["metrics", "inside-metrics", "repo", "baseline"])
+def test_gate_never_writes_over_or_around_its_inputs_even_with_force(
+    where: str, repo: Path, tmp_path: Path, capsys
+) -> None:
+    """Once: `gate --out metrics` wrote gate.json and gate.md among the metrics it read."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for tissue in CFG["tissues"]:
+        (base / f"{tissue}.json").write_text(json.dumps(METRICS))
+    out = {"metrics": repo / "metrics", "inside-metrics": repo / "metrics" / "gate",
+           "repo": repo, "baseline": base}[where]  # fmt: skip
+    pfile = params(repo)
+    before = {p: p.read_bytes() for p in [*repo.rglob("*"), *base.rglob("*")] if p.is_file()}
+    for force in ((), ("--force",)):
+        code = main(["gate", "--repo", str(repo), "--baseline", str(base), "--out", str(out),
+                     "--params", str(pfile), *force])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {out}: output folder "), err
+        assert "input" in err, err
+    after = {p: p.read_bytes() for p in [*repo.rglob("*"), *base.rglob("*")] if p.is_file()}
+    assert after == before

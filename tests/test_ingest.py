@@ -15,6 +15,9 @@ import tifffile
 from bonedamage.data.ingest import IngestError, IngestRequest, ingest_scans, read_batch_csv
 from bonedamage.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from bonedamage.data.volume import open_volume, sha256_file
+from test_volume import simulate_missing_imagecodecs
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 REAL_STACK = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "lhdl-3155-trabecular"
 
@@ -195,6 +198,89 @@ def test_slice_folder_in_natural_order(tmp_path: Path) -> None:
     assert added.iloc[0]["voxel_size_um"] == 1.5
     with open_volume(root / "trabecular" / "F1-pristine.tif") as reader:
         np.testing.assert_array_equal(np.stack(list(reader.iter_slices())), vol)
+
+
+def _page_by_page(path: Path, vol: np.ndarray, **kwargs) -> Path:
+    """One series per slice, as ``tifffile.imwrite(..., append=True)`` in a loop writes it."""
+    for plane in vol:
+        tifffile.imwrite(path, plane, append=True, photometric="minisblack", **kwargs)
+    return path
+
+
+def _ome_stack(path: Path, vol: np.ndarray, **kwargs) -> Path:
+    meta = {"axes": "ZYX", "PhysicalSizeX": 2.5, "PhysicalSizeXUnit": "µm"}
+    meta |= {"PhysicalSizeY": 2.5, "PhysicalSizeYUnit": "µm", "PhysicalSizeZ": 2.5}
+    tifffile.imwrite(path, vol, ome=True, photometric="minisblack", metadata=meta, **kwargs)
+    return path
+
+
+def _fiji_stack(path: Path, vol: np.ndarray, **kwargs) -> Path:
+    """ImageJ stack as Fiji writes it: the unit escaped in the description."""
+    meta = {"spacing": 2.5, "unit": "\\u00B5m"}
+    tifffile.imwrite(path, vol, imagej=True, resolution=(0.4, 0.4), metadata=meta, **kwargs)
+    return path
+
+
+# id -> (writes the source, its dtype); every source carries a 2.5 um voxel size
+LAB_TIFFS: dict[str, tuple[Callable[[Path, np.ndarray], Path], str]] = {
+    "fiji-lzw-escaped-micro-unit": (lambda p, v: _fiji_stack(p, v, compression="lzw"), "uint16"),
+    "zstd-ome": (lambda p, v: _ome_stack(p, v, compression="zstd"), "uint16"),
+    "deflate-ome": (lambda p, v: _ome_stack(p, v, compression="deflate"), "float32"),
+    "packbits-ome": (lambda p, v: _ome_stack(p, v, compression="packbits"), "uint8"),
+    "page-by-page": (
+        lambda p, v: _page_by_page(p, v, resolution=(4000, 4000), resolutionunit="CENTIMETER"),
+        "uint16",
+    ),
+    "page-by-page-lzw": (
+        lambda p, v: _page_by_page(
+            p, v, compression="lzw", resolution=(4000, 4000), resolutionunit="CENTIMETER"
+        ),
+        "uint16",
+    ),
+    "int16-ome": (_ome_stack, "int16"),
+    "int16-zstd-page-by-page": (
+        lambda p, v: _page_by_page(
+            p, v, compression="zstd", resolution=(4000, 4000), resolutionunit="CENTIMETER"
+        ),
+        "int16",
+    ),
+}
+
+
+@pytest.mark.parametrize(("write", "dtype"), list(LAB_TIFFS.values()), ids=list(LAB_TIFFS))
+def test_tiffs_as_labs_write_them_are_ingested(
+    tmp_path: Path, write: Callable[[Path, np.ndarray], Path], dtype: str
+) -> None:
+    """Compressed, page-by-page, OME, Fiji and int16 stacks are copied pixel for pixel
+    (int16 as uint16 + 32768) with the voxel size from their tags."""
+    if dtype == "int16":
+        vol = np.random.default_rng(2).integers(-32768, 32768, (6, 16, 20)).astype(np.int16)
+        vol[0, 0, :2] = (-32768, 32767)
+    else:
+        vol = volume(dtype)
+    src = write(tmp_path / "scan.tif", vol)
+    root = tmp_path / "raw"
+    added = ingest_scans([IngestRequest(src, "L1", "cortical", "pristine")], root, progress=False)
+    row = added.iloc[0]
+    stored = "uint16" if dtype == "int16" else dtype
+    assert (row["shape"], row["dtype"], row["voxel_size_um"]) == ("6x16x20", stored, 2.5)
+    expected = (vol.astype(np.int32) + 32768).astype(np.uint16) if dtype == "int16" else vol
+    with open_volume(root / row["path"]) as reader:
+        assert reader.memmap is not None  # the copy is an uncompressed stack again
+        np.testing.assert_array_equal(np.stack(list(reader.iter_slices())), expected)
+        assert reader.voxel_size_um == pytest.approx(2.5)
+
+
+def test_an_explicit_voxel_size_replaces_an_implausible_tag(tmp_path: Path) -> None:
+    """tifffile's ``resolution=`` defaults to inches: 1/20 px per inch reads as 508000 um."""
+    src = tmp_path / "inch.tif"
+    tifffile.imwrite(src, volume(), photometric="minisblack", resolution=(1 / 20, 1 / 20))
+    root = tmp_path / "raw"
+    with pytest.raises(IngestError, match="508000 um from XResolution"):
+        ingest_scans([IngestRequest(src, "I1", "cortical", "pristine")], root, progress=False)
+    request = IngestRequest(src, "I1", "cortical", "pristine", voxel_size_um=20.0)
+    added = ingest_scans([request], root, progress=False)
+    assert added.iloc[0]["voxel_size_um"] == 20.0
 
 
 def test_appends_to_existing_manifest(data_root: Path, tmp_path: Path) -> None:
@@ -434,6 +520,28 @@ def case_no_voxel_size(tmp: Path, root: Path) -> list[IngestRequest]:
     return [_req(write_stack(tmp / "untagged.tif", volume()))]
 
 
+def case_voxel_tag_in_inches(tmp: Path, root: Path) -> list[IngestRequest]:
+    """Micrometres meant, but tifffile's ``resolution=`` is in inches unless told."""
+    path = tmp / "inch.tif"
+    tifffile.imwrite(path, volume(), photometric="minisblack", resolution=(1 / 20, 1 / 20))
+    return [_req(path)]
+
+
+def case_voxel_too_large(tmp: Path, root: Path) -> list[IngestRequest]:
+    return [_req(_good(tmp), voxel_size_um=5000.0)]
+
+
+def case_voxel_too_small(tmp: Path, root: Path) -> list[IngestRequest]:
+    return [_req(_good(tmp), voxel_size_um=0.02)]
+
+
+def case_images_of_different_shapes(tmp: Path, root: Path) -> list[IngestRequest]:
+    path = tmp / "mixed.tif"
+    for plane in (volume()[0], volume()[1], volume()[2, :, :-1]):
+        tifffile.imwrite(path, plane, append=True, photometric="minisblack")
+    return [_req(path, voxel_size_um=1.0)]
+
+
 def case_int32(tmp: Path, root: Path) -> list[IngestRequest]:
     path = tmp / "int32.tif"
     tifffile.imwrite(path, volume("uint16").astype(np.int32), photometric="minisblack")
@@ -486,6 +594,16 @@ BAD_CASES: dict[str, tuple[Case, list[str]]] = {
     "voxel-negative": (case_voxel_negative, ["good.tif", "voxel_size_um", "-6.5"]),
     "voxel-nan": (case_voxel_nan, ["good.tif", "voxel_size_um", "nan"]),
     "no-voxel-size": (case_no_voxel_size, ["untagged.tif", "no voxel size"]),
+    "voxel-tag-in-inches": (
+        case_voxel_tag_in_inches,
+        ["inch.tif", "voxel size 508000 um from XResolution (unit inch)", "outside 0.1 um-1 mm"],
+    ),
+    "voxel-too-large": (case_voxel_too_large, ["good.tif", "voxel_size_um 5000", "outside"]),
+    "voxel-too-small": (case_voxel_too_small, ["good.tif", "voxel_size_um 0.02", "outside"]),
+    "images-of-different-shapes": (
+        case_images_of_different_shapes,
+        ["mixed.tif", "holds 3 images of different shapes"],
+    ),
     "int32": (case_int32, ["int32.tif", "int32"]),
     "float64": (case_float64_folder, ["f64", "float64"]),
     "second-scan-fails": (case_second_scan_fails, ["float.tif", "slice 5", "NaN"]),
@@ -508,6 +626,10 @@ BAD_CASES: dict[str, tuple[Case, list[str]]] = {
     "csv-bad-voxel": (
         _csv_case("X,cortical,pristine,good.tif,-1\n"),
         ["batch.csv", "row 1", "voxel_size_um"],
+    ),
+    "csv-voxel-out-of-range": (
+        _csv_case("X,cortical,pristine,good.tif,2000\n"),
+        ["batch.csv", "row 1", "voxel_size_um 2000 is outside 0.1 um-1 mm"],
     ),
     "csv-voxel-not-number": (
         _csv_case("X,cortical,pristine,good.tif,6.5um\n"),
@@ -624,3 +746,45 @@ def test_missing_batch_csv(tmp_path: Path) -> None:
 def test_request_source_is_path() -> None:
     request = IngestRequest("scan.tif", "A", "cortical", "pristine")  # type: ignore[arg-type]
     assert request.source == Path("scan.tif")
+
+
+# -- `bonedamage ingest`: one `error:` line naming the file, exit 2, nothing written ----------
+def _compressed(codec: str) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    def write(src: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        tifffile.imwrite(src, volume("uint16"), photometric="minisblack", compression=codec)
+        simulate_missing_imagecodecs(monkeypatch)
+        name = {"lzw": "LZW", "zstd": "zstd"}[codec]
+        return [f"compressed with {name}, which needs the imagecodecs package (pip install"]
+
+    return write
+
+
+def _inch_tag(src: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    tifffile.imwrite(src, volume("uint16"), photometric="minisblack", resolution=(0.05, 0.05))
+    return ["voxel size 508000 um from XResolution (unit inch) is outside 0.1 um-1 mm"]
+
+
+CLI_CASES: dict[str, Callable[[Path, pytest.MonkeyPatch], list[str]]] = {
+    "lzw-without-imagecodecs": _compressed("lzw"),
+    "zstd-without-imagecodecs": _compressed("zstd"),
+    "voxel-tag-in-inches": _inch_tag,
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_ingest_command_refuses_unreadable_tiffs_in_one_error_line(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bonedamage.cli import main
+
+    src = tmp_path / "scan.tif"
+    fragments = CLI_CASES[case](src, monkeypatch)
+    root = tmp_path / "raw"
+    fields = ["--specimen-id", "S1", "--tissue", "cortical", "--state", "pristine"]
+    args = ["ingest", str(src), *fields, "--data-root", str(root), "--params", str(PARAMS)]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not root.exists()

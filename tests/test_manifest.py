@@ -84,6 +84,7 @@ def test_missing_manifest(tmp_path: Path) -> None:
         ([_row(), _row()], ["duplicate scan_id", "S1-pristine"]),
         ([_row(voxel_size_um=0)], ["voxel_size_um", "S1-pristine"]),
         ([_row(voxel_size_um=-2.5)], ["voxel_size_um", "-2.5"]),
+        ([_row(voxel_size_um=508000.0)], ["508000 is outside 0.1 um-1 mm", "S1-pristine"]),
     ],
     ids=[
         "path-dotdot",
@@ -95,6 +96,7 @@ def test_missing_manifest(tmp_path: Path) -> None:
         "duplicate",
         "voxel-zero",
         "voxel-negative",
+        "voxel-in-inches-read-as-um",
     ],
 )
 def test_read_rejects_bad_rows(tmp_path: Path, rows: list, fragments: list[str]) -> None:

@@ -17,7 +17,7 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.data.volume import write_volume
 from bonedamage.explain import predict
 from bonedamage.lifecycle.pyfunc import TileClassifier
-from bonedamage.lifecycle.registry import tiling_info
+from bonedamage.lifecycle.registry import Candidate, fit_domain, tiling_info
 from conftest import CHANNELS, RunsCode, write_tiny_models
 
 TISSUE = "trabecular"
@@ -30,12 +30,12 @@ def setup(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     tile_px = int(store.index["tile_px"].iloc[0])
     write_tiny_models(tmp / "models", TISSUE, seed=0, tile_px=tile_px)
     meta = json.loads((tmp / "models" / "cnn.json").read_text())
+    tiling = tiling_info(learn_params["tile"], TISSUE, tile_px, CHANNELS)
+    cand = Candidate("tiny", "cnn", "cnn", tmp / "models" / "cnn.pt", meta, {})
+    table = pd.read_parquet(learn_data[1])
+    domain = fit_domain(cand, store, table, tiling, learn_params["domain"])
     model = TileClassifier()
-    model.setup(
-        meta,
-        tiling_info(learn_params["tile"], TISSUE, tile_px, CHANNELS),
-        tmp / "models" / "cnn.pt",
-    )
+    model.setup(meta, tiling, tmp / "models" / "cnn.pt", domain)
     raw = learn_data[0].parent / "raw"
     manifest = read_manifest(raw)
     row = manifest[(manifest.tissue == TISSUE) & (manifest.state == "failed")].iloc[0]
@@ -140,6 +140,8 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(
         predict.predict_scan(model, bare, tmp_path / "o2", progress=False)
     with pytest.raises(predict.PredictError, match="must be positive"):
         predict.predict_scan(model, scan, tmp_path / "o3", voxel_size_um=-1.0, progress=False)
+    with pytest.raises(predict.PredictError, match=r"508000 um is outside 0\.1 um-1 mm"):
+        predict.predict_scan(model, scan, tmp_path / "o3", voxel_size_um=508000, progress=False)
     broken = tmp_path / "broken.tif"
     broken.write_bytes(scan.read_bytes()[:5000])
     code = main(["predict", str(broken), "--model", "models:/x@champion", "--out",
@@ -250,3 +252,142 @@ def test_predict_command_refuses_a_model_whose_weights_are_not_a_state_dict(
     assert "weights_only=True" in err
     assert not (tmp_path / "pwned").exists()
     assert sorted(p.name for p in out.iterdir()) == ["verdict.json"]
+
+
+# -- the applicability domain: never a confident answer outside it ------------------------
+def _with_domain(model: TileClassifier, **changes: Any) -> TileClassifier:
+    """A copy of ``model`` whose domain summary has ``changes``."""
+    other = TileClassifier()
+    other.meta, other.tiling, other.module = model.meta, model.tiling, model.module
+    other.domain, other.domain_arrays = {**model.domain, **changes}, model.domain_arrays
+    return other
+
+
+def test_every_tile_gets_a_domain_distance_and_the_verdict_says_the_share_outside(setup) -> None:
+    out, verdict, model = setup["tmp"] / "out", setup["verdict"], setup["model"]
+    tiles = pd.read_csv(out / "tiles.csv")
+    assert tiles["domain_distance"].notna().all() and set(tiles["in_domain"]) <= {0, 1}
+    inside = tiles["domain_distance"] <= model.domain["threshold"]
+    assert (tiles["in_domain"].astype(bool) <= inside).all()  # in domain: close enough, and
+    assert tiles["in_domain"].mean() > 0.5  # (intensity inside the range) most phantom tiles
+    assert verdict["out_of_domain_share"] == pytest.approx(1 - tiles["in_domain"].mean(), abs=1e-6)
+    assert verdict["verdict"] in ("failed", "pristine") and verdict["in_domain"] is True
+    assert verdict["domain_reasons"] == [] and verdict["model_call"] == verdict["verdict"]
+
+
+def test_the_domain_threshold_accepts_the_calibrated_share_of_validation_tiles(
+    setup, learn_data, learn_params
+) -> None:
+    from bonedamage.learn import domain
+    from bonedamage.learn.data import split_rows
+
+    model, store = setup["model"], setup["store"]
+    summary = model.domain
+    assert summary["method"] == domain.METHOD and summary["tissue"] == TISSUE
+    assert summary["accept"] == learn_params["domain"]["accept"]
+    val, _ = split_rows(store, pd.read_parquet(learn_data[1]), TISSUE, "grouped", "val")
+    tiles = store.tiles(val)
+    features = domain.penultimate_features(model.module, tiles)
+    _, inside = domain.in_domain(
+        summary, model.domain_arrays, features, domain.intensity_stats(tiles)
+    )
+    assert inside.mean() == pytest.approx(summary["val_accepted"], abs=1e-6)
+    by_distance = domain.score(model.domain_arrays, features) <= summary["threshold"]
+    assert by_distance.mean() >= summary["accept"]  # the feature threshold's calibration
+    assert summary["accept"] - 0.1 <= inside.mean()  # about accept, intensity included
+    flat = np.full_like(tiles[:4], 0.5)  # constant tiles: no training tile looks like that
+    _, flat_inside = domain.in_domain(
+        summary, model.domain_arrays, domain.penultimate_features(model.module, flat),
+        domain.intensity_stats(flat),
+    )  # fmt: skip
+    assert not flat_inside.any()
+
+
+def test_a_scan_mostly_outside_the_domain_is_uncertain_never_failed_or_pristine(
+    setup, tmp_path
+) -> None:
+    strict = _with_domain(setup["model"], threshold=-1.0)  # no tile is close enough
+    verdict = predict.predict_scan(strict, setup["scan"], tmp_path / "o", cam=False, progress=False)
+    assert verdict["verdict"] == "uncertain" and verdict["out_of_domain_share"] == 1.0
+    assert verdict["model_call"] in ("failed", "pristine")
+    assert "100% of the tiles are outside the model's domain" in verdict["domain_reasons"][0]
+    assert pd.read_csv(tmp_path / "o" / "tiles.csv")["in_domain"].eq(0).all()
+
+
+def test_a_model_without_a_domain_never_gives_a_confident_verdict(setup, tmp_path) -> None:
+    bare = _with_domain(setup["model"])
+    bare.domain = bare.domain_arrays = None
+    verdict = predict.predict_scan(bare, setup["scan"], tmp_path / "o", cam=False, progress=False)
+    assert verdict["verdict"] == "uncertain"
+    assert verdict["domain_reasons"] == [
+        "the model carries no applicability domain: re-register it"
+    ]
+    assert pd.read_csv(tmp_path / "o" / "tiles.csv")["in_domain"].isna().all()
+
+
+def test_a_scan_coarser_than_the_domain_allows_is_refused_naming_both_voxel_sizes(
+    setup, tmp_path
+) -> None:
+    model, scan = setup["model"], setup["scan"]
+    with pytest.raises(predict.PredictError) as err:
+        predict.predict_scan(model, scan, tmp_path / "o", voxel_size_um=50.0, progress=False)
+    message = str(err.value)
+    assert str(scan) in message and "50 um is 2.5x coarser" in message
+    assert "working voxel 20 um" in message and "--allow-resample" in message
+    assert not (tmp_path / "o").exists()
+    verdict = predict.predict_scan(model, scan, tmp_path / "o", voxel_size_um=50.0,
+                                   allow_resample=True, cam=False, progress=False)  # fmt: skip
+    assert verdict["verdict"] == "uncertain" and verdict["in_domain"] is False
+    assert "2.5x coarser" in verdict["domain_reasons"][0]
+    # within the ratio (1.5x): resampled as before, no refusal
+    ok = predict.predict_scan(model, scan, tmp_path / "ok", voxel_size_um=28.0, cam=False,
+                              progress=False)  # fmt: skip
+    assert not any("coarser" in r for r in ok["domain_reasons"])
+
+
+def test_stacks_of_a_scan_at_another_voxel_carry_the_real_page_spacing(setup, tmp_path) -> None:
+    model, scan = setup["model"], setup["scan"]
+    # the same scan declared at 10 um: resampled 2x down in-plane to the 20 um working voxel
+    verdict = predict.predict_scan(model, scan, tmp_path / "o", voxel_size_um=10.0, progress=False)
+    stride = verdict["slice_stride"]
+    native = tifffile.imread(setup["tmp"] / "out" / "probability.tif").shape[1:]
+    for name in ("probability", "cam"):
+        with tifffile.TiffFile(tmp_path / "o" / f"{name}.tif") as tif:
+            assert tif.imagej_metadata["spacing"] == pytest.approx(stride * 10.0)  # pages
+            x_res = tif.pages[0].tags["XResolution"].value
+            assert x_res[1] / x_res[0] == pytest.approx(20.0)  # map pixels: the working voxel
+            assert tif.pages[0].shape == tuple(n // 2 for n in native)  # 2x fewer pixels
+
+
+def test_outputs_far_larger_than_the_scan_are_refused_before_any_work(setup, tmp_path) -> None:
+    model, scan = setup["model"], setup["scan"]
+    est = setup["verdict"]["estimate"]
+    with tifffile.TiffFile(scan) as tif:
+        assert est["scan_bytes"] == tif.series[0].size * tif.series[0].dtype.itemsize
+    n_pages = setup["verdict"]["n_pages"]
+    assert est["output_bytes"] == 2 * n_pages * (
+        tifffile.imread(setup["tmp"] / "out" / "probability.tif")[0].size * 4
+    )
+    assert est["tiles"] >= setup["verdict"]["n_tiles"]  # before the field-of-view filters
+    with pytest.raises(predict.PredictError, match=r"MiB of maps, over 10x the scan's .* --force"):
+        predict.predict_scan(model, scan, tmp_path / "o", voxel_size_um=400.0,
+                             allow_resample=True, progress=False)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_runs_from_any_folder_with_only_the_model(params, tmp_path, monkeypatch) -> None:
+    from conftest import save_tiny_pyfunc
+
+    model = save_tiny_pyfunc(tmp_path / "m", params, domain=True)
+    vol = np.random.default_rng(1).integers(1000, 50000, (48, 48, 48)).astype(np.uint16)
+    scan = _stack(tmp_path / "scan.tif", vol)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no params.yaml here
+    assert (
+        main(["predict", str(scan), "--model", str(model), "--out", "pred", "--no-progress"]) == 0
+    )
+    verdict = json.loads((elsewhere / "pred" / "verdict.json").read_text())
+    assert verdict["verdict"] in ("failed", "pristine") and verdict["in_domain"] is True
+    assert main(["predict", str(scan), "--model", str(model), "--out", "p2", "--params",
+                 "missing.yaml"]) == 2  # fmt: skip

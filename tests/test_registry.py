@@ -7,8 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,15 @@ from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.data import split_rows
 from bonedamage.lifecycle import registry, tracking
 from bonedamage.lifecycle.pyfunc import load_classifier
-from conftest import CHANNELS, free_port, mlflow_cli, running, tiny_metrics, write_tiny_models
+from conftest import (
+    CHANNELS,
+    free_port,
+    mlflow_cli,
+    post,
+    running,
+    tiny_metrics,
+    write_tiny_models,
+)
 
 TISSUE = "cortical"
 CFG = {
@@ -129,11 +135,35 @@ def test_register_creates_three_models_with_challenger_and_version_tags(env) -> 
     tissue = client.get_model_version_by_alias(f"t-{TISSUE}", registry.CHALLENGER)
     assert tissue.tags["architecture"] == "cnn"
     info = mlflow.models.get_model_info(f"models:/t-{TISSUE}@challenger")
-    spec = info.signature.inputs.inputs[0]
-    assert spec.shape == (-1, CHANNELS, env["tile_px"], env["tile_px"])  # 2.5-D tiles
-    assert spec.type == np.uint16
+    # no input dtype (MLflow would cast JSON tiles to it); the model checks the shape itself
+    assert info.signature.inputs is None
+    model = load_classifier(f"models:/t-{TISSUE}@challenger")
+    assert model.tile_shape == (CHANNELS, env["tile_px"], env["tile_px"])  # 2.5-D tiles
     assert {p.name for p in info.signature.params} == {"norm_lo", "norm_hi"}
     assert info.saved_input_example_info is not None
+
+
+def test_every_registered_version_carries_its_applicability_domain(env) -> None:
+    from bonedamage.lifecycle.pyfunc import load_classifier
+
+    record = json.loads((env["tmp"] / "v1-record.json").read_text())
+    client = MlflowClient()
+    for name in registry.model_names("t", TISSUE):
+        model = load_classifier(f"models:/{name}@challenger")
+        summary = model.domain
+        assert summary is not None and model.domain_arrays is not None, name
+        assert summary == record["models"][name]["domain"]  # what DVC versions
+        assert summary["tissue"] == TISSUE
+        assert summary["working_voxel_um"] == record["tiling"]["working_voxel_um"]
+        assert summary["max_voxel_ratio"] == env["params"]["domain"]["max_voxel_ratio"]
+        assert summary["val_accepted"] >= env["params"]["domain"]["accept"] - 0.1  # about
+        d = summary["feature_dim"]
+        assert model.domain_arrays["precision"].shape == (d, d)
+        assert model.domain_arrays["means"].shape == (2, d)  # one mean per class
+        version = client.get_model_version_by_alias(name, registry.CHALLENGER)
+        assert version.tags["domain.md5"] == registry.domain_md5(summary)
+        kind = model.meta["kind"]
+        assert model.meta["cam_layer"] == env["params"]["explain"]["layer"][kind]
 
 
 def test_first_promotion_makes_every_challenger_champion(env) -> None:
@@ -260,17 +290,6 @@ def child_env(uri: str) -> dict[str, str]:
     env.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment in this process sets it
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def raw_test_tiles(env: dict) -> tuple[np.ndarray, float, float]:

@@ -116,3 +116,38 @@ def test_evenly_spaced_picks() -> None:
     assert report.evenly_spaced(3, 5).tolist() == [0, 1, 2]
     assert report.evenly_spaced(10, 3).tolist() == [0, 4, 9]
     assert report.cam_file_name("scan-1/a0004-0016-0032") == "scan-1__a0004-0016-0032.tif"
+
+
+# -- reports/<tissue>: explain's own folder, never one of its inputs ------------------------
+def _explain_paths(tmp) -> dict[str, Any]:
+    names = ("raw", "tiles", "splits.parquet", "models", "metrics.json")
+    return {name: tmp / name for name in names}
+
+
+def test_explain_refuses_a_reports_folder_it_did_not_write(tmp_path) -> None:
+    from bonedamage.atomic import OutputError
+
+    paths = _explain_paths(tmp_path)
+    mine = tmp_path / "reports" / TISSUE / "figure-3.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the figure of the paper")
+    with pytest.raises(OutputError, match=r"did not write; .*--force") as exc:
+        report.run_explain({}, TISSUE, *paths.values(), tmp_path / "reports", tmp_path / "o.json")
+    assert str(exc.value).startswith(f"{mine.parent}: exists and holds files")
+    assert mine.read_bytes() == b"the figure of the paper"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figure-3.png", "reports", TISSUE]
+
+
+@pytest.mark.parametrize("into", ["models", "tiles", "raw"])
+def test_explain_never_writes_over_its_inputs_even_with_force(into, tmp_path) -> None:
+    from bonedamage.atomic import OutputError
+
+    paths = _explain_paths(tmp_path)
+    (paths[into] / TISSUE).mkdir(parents=True)
+    (paths[into] / TISSUE / "kept").write_text("an input")
+    # --reports INTO: reports/<tissue> is (inside) an input folder
+    for force in (False, True):
+        with pytest.raises(OutputError, match="output folder lies inside the input"):
+            report.run_explain({}, TISSUE, *paths.values(), paths[into], tmp_path / "o.json",
+                               force=force)  # fmt: skip
+    assert (paths[into] / TISSUE / "kept").read_text() == "an input"

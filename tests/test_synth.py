@@ -18,6 +18,7 @@ from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bonedamage.atomic import MARKER, OutputError
 from bonedamage.data import morphometry
 from bonedamage.data.describe import damage_coverage, measure_scan
 from bonedamage.data.manifest import COLUMNS, read_manifest
@@ -73,7 +74,7 @@ def test_same_params_and_seed_give_identical_bytes_whatever_the_workers(
     generate_dataset(cfg, tmp_path / "a", workers=1, progress=False)
     generate_dataset(cfg, tmp_path / "b", workers=2, progress=False)
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
-    assert a == b and len(a) == 2 * 2 * 2 + 2
+    assert a == b and len(a) == 2 * 2 * 2 + 2 + 1  # scans, masks, manifest, phantoms, marker
     generate_dataset({**cfg, "seed": cfg["seed"] + 1}, tmp_path / "c", progress=False)
     c = tree_digest(tmp_path / "c")
     assert c["manifest.csv"] != a["manifest.csv"]
@@ -268,6 +269,46 @@ def test_synth_refuses_to_replace_ingested_scans(
     assert tree_digest(root) == before
 
 
+def test_synth_replaces_only_its_own_data_root(params: dict, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "scan-from-the-beamline.tif").write_bytes(b"II*\x00 irreplaceable")
+    before = tree_digest(root)
+    with pytest.raises(OutputError, match=r"holds files that bonedamage did not write.*--force"):
+        generate_dataset(small_synth(params), root, progress=False)
+    assert tree_digest(root) == before and not list(tmp_path.glob(".*"))
+    generate_dataset(small_synth(params), root, progress=False, force=True)
+    assert not (root / "scan-from-the-beamline.tif").exists()
+    first = tree_digest(root)
+    generate_dataset(small_synth(params), root, progress=False)  # its own: replaced
+    assert tree_digest(root) == first and MARKER in first
+    (root / "cortical" / "notes.txt").write_text("added later")
+    with pytest.raises(OutputError, match=r"did not write: cortical/notes\.txt"):
+        generate_dataset(small_synth(params), root, progress=False)
+
+
+@pytest.mark.parametrize("where", ["params-folder", "the-params-file"])
+def test_synth_never_writes_over_its_params_even_with_force(
+    where: str, params: dict, tmp_path: Path, capsys
+) -> None:
+    """`synth --out .` (or any folder holding the params) would have replaced it whole."""
+    import yaml
+
+    from bonedamage.cli import main
+
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(dict(params, synth=small_synth(params))))
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path if where == "params-folder" else pfile
+    before = tree_digest(tmp_path)
+    for force in ((), ("--force",)):
+        code = main(["synth", "--params", str(pfile), "--out", str(out), "--no-progress", *force])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {out}: output folder "), err
+        assert "input" in err
+        assert tree_digest(tmp_path) == before
+
+
 # -- the default dataset -------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_synth_reproduces_the_version_in_data_dvc(default_dataset: Path, tmp_path) -> None:
@@ -278,6 +319,8 @@ def test_default_synth_reproduces_the_version_in_data_dvc(default_dataset: Path,
     shutil.copy(REPO / "data.dvc", repo / "data.dvc")
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")  # as in the repo: no output marker
+    assert (repo / "data" / "raw" / MARKER).is_file()
 
     def recorded_after_commit() -> str:
         """Hash the folder into DVC's cache, as run-pipeline.sh does; return data.dvc."""

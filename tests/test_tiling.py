@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bonedamage.atomic import MARKER, write_marker
 from bonedamage.data.ingest import IngestRequest, ingest_scans
 from bonedamage.data.manifest import read_manifest, write_manifest
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
@@ -252,6 +253,40 @@ def test_tile_px_is_the_physical_size() -> None:
         tile_px(100, 0)
 
 
+def _flat(value: float, dtype: str) -> np.ndarray:
+    return np.full((6, 16, 16), value, dtype)
+
+
+def _flat_inside_a_field_of_view(value: float, dtype: str) -> np.ndarray:
+    vol = _flat(value, dtype)
+    vol[:, :2], vol[:, -2:], vol[:, :, :2], vol[:, :, -2:] = 0, 0, 0, 0
+    return vol
+
+
+# id -> (the scan, its constant value)
+CONSTANT_SCANS: dict[str, tuple[np.ndarray, float]] = {
+    "float-zero": (_flat(0.0, "float32"), 0.0),
+    "float": (_flat(0.375, "float32"), 0.375),
+    "uint16": (_flat(1000, "uint16"), 1000),
+    "constant-inside-a-zero-field-of-view": (_flat_inside_a_field_of_view(0.5, "float32"), 0.5),
+}
+
+
+@pytest.mark.parametrize(("scan", "value"), list(CONSTANT_SCANS.values()), ids=list(CONSTANT_SCANS))
+def test_a_constant_scan_is_refused_as_constant(
+    tmp_path: Path, scan: np.ndarray, value: float
+) -> None:
+    import tifffile
+
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, scan, photometric="minisblack")
+    with open_volume(path) as reader, pytest.raises(TilingError) as info:
+        fit_normalization(reader, (1.0, 99.0), 1.0, str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: constant intensity ({value:g}"), message
+    assert "nothing to" in message and "reconstructed" not in message
+
+
 @pytest.mark.skipif(not REAL_STACK.is_dir(), reason="../shared/real is absent")
 def test_real_stack_is_resampled_and_tiled(params: dict, tmp_path: Path) -> None:
     root = tmp_path / "raw"
@@ -342,6 +377,7 @@ def test_tile_command_refuses_bad_input_and_keeps_the_old_tiles(
     out = tmp_path / "tiles"
     out.mkdir()
     (out / INDEX_NAME).write_bytes(b"the tiles of the last good run")
+    write_marker(out, "tile")  # written by tile: a later run may replace it
     before = digest(out)
     code = main(["tile", "--params", str(pfile), "--no-progress", "--out", str(out)])
     err = capsys.readouterr().err
@@ -350,3 +386,53 @@ def test_tile_command_refuses_bad_input_and_keeps_the_old_tiles(
         assert fragment in err, err
     assert digest(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+# -- `bonedamage tile`: OUT is its own tile store, never the data root ----------------------
+def _tile_params(params: dict, root: Path, tmp_path: Path) -> Path:
+    import yaml
+
+    tile = dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0})
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(dict(params, data={"root": str(root)}, tile=tile)))
+    return pfile
+
+
+@pytest.mark.parametrize("where", ["the-data-root", "inside-it", "around-it", "the-params"])
+def test_tile_never_writes_over_or_around_the_data_root_even_with_force(
+    where: str, params: dict, tmp_path: Path, capsys
+) -> None:
+    """Once: `tile --out DATA_ROOT` replaced the data root by the tiles, scans deleted."""
+    from bonedamage.cli import main
+
+    root = _tiny_root(tmp_path)
+    pfile = _tile_params(params, root, tmp_path)
+    out = {"the-data-root": root, "inside-it": root / "tiles", "around-it": tmp_path,
+           "the-params": pfile}[where]  # fmt: skip
+    before = digest(tmp_path)
+    for force in ((), ("--force",)):
+        code = main(["tile", "--params", str(pfile), "--no-progress", "--out", str(out), *force])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {out}: output folder "), err
+        assert "input" in err, err
+        assert digest(tmp_path) == before
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".gitignore"]
+
+
+def test_tile_replaces_only_its_own_tile_store(params: dict, tmp_path: Path, capsys) -> None:
+    from bonedamage.cli import main
+
+    root = _tiny_root(tmp_path)
+    pfile = _tile_params(params, root, tmp_path)
+    out = tmp_path / "tiles"
+    out.mkdir()
+    (out / "README.txt").write_text("my notes")
+    args = ["tile", "--params", str(pfile), "--no-progress", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: exists and holds files that bonedamage did not write")
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt"]
+    assert main([*args, "--force"]) == 0
+    assert main(args) == 0  # its own store: replaced
+    assert {MARKER, INDEX_NAME} <= {p.name for p in out.iterdir()}
+    assert not (out / "README.txt").exists()

@@ -376,3 +376,74 @@ def test_real_stack_with_phantoms_tiles_splits_and_validates(learn_params, tmp_p
     cfg = {**learn_params["validate"], "max_class_imbalance": 1000.0}
     report = validate_tables(read_manifest(root), index, splits, cfg)
     assert report.success, report.summary()
+
+
+# -- `bonedamage validate`: its inputs are named when bad; its docs folder is its own -------
+@pytest.fixture
+def on_disk(tables: Tables, tmp_path: Path) -> dict[str, Path]:
+    """The valid tables as the command reads them, and a params file for it."""
+    import yaml
+
+    from bonedamage.data.manifest import write_manifest
+    from conftest import REPO
+
+    manifest, tiles, splits = tables
+    root, store = tmp_path / "raw", tmp_path / "tiles"
+    store.mkdir()
+    write_manifest(manifest, root)
+    tiles.to_parquet(store / "index.parquet", index=False)
+    splits.to_parquet(tmp_path / "splits.parquet", index=False)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(dict(params, data={"root": str(root)}, validate=CFG)))
+    return {"root": root, "tiles": store, "splits": tmp_path / "splits.parquet", "params": pfile}
+
+
+def _validate(paths: dict[str, Path], docs: Path, *extra: str) -> int:
+    from bonedamage.cli import main
+
+    return main(["validate", "--params", str(paths["params"]), "--tiles", str(paths["tiles"]),
+                 "--splits", str(paths["splits"]), "--docs", str(docs), "--out",
+                 str(docs.parent / "validation.json"), "--no-progress", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [("missing", "no such file"), ("empty", "is empty"), ("csv", "not a Parquet table")],
+)
+def test_validate_names_a_bad_splits_file(case, fragment, on_disk, tmp_path, capsys) -> None:
+    """Once: a missing splits file ended in a FileNotFoundError traceback."""
+    splits = on_disk["splits"]
+    if case == "missing":
+        splits.unlink()
+    else:
+        splits.write_text("" if case == "empty" else "tile_id,split\nx,train\n")
+    docs = tmp_path / "out" / "docs"
+    assert _validate(on_disk, docs) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {splits}: {fragment} (splits table)"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_replaces_only_its_own_docs(on_disk, tmp_path, capsys) -> None:
+    docs = tmp_path / "site"
+    docs.mkdir()
+    (docs / "index.html").write_text("the lab's own web page")
+    assert _validate(on_disk, docs) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {docs}: exists and holds files that bonedamage did not write")
+    assert (docs / "index.html").read_text() == "the lab's own web page"
+    assert not (tmp_path / "validation.json").exists()
+    assert _validate(on_disk, docs, "--force") == 0
+    assert "<html" in (docs / "index.html").read_text().lower()
+
+
+@pytest.mark.parametrize("which", ["tiles", "root", "parent"])
+def test_validate_docs_are_never_an_input_even_with_force(which, on_disk, tmp_path, capsys) -> None:
+    docs = {"tiles": on_disk["tiles"], "root": on_disk["root"] / "docs", "parent": tmp_path}[which]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for force in ((), ("--force",)):
+        assert _validate(on_disk, docs, *force) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "input" in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

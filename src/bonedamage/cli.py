@@ -24,7 +24,9 @@ _USER_ERRORS = (
     ("bonedamage.config", "ConfigError"),
     ("bonedamage.lifecycle.gate", "GateError"),
     ("bonedamage.data.ingest", "IngestError"),
+    ("bonedamage.atomic", "InputError"),
     ("bonedamage.data.manifest", "ManifestError"),
+    ("bonedamage.atomic", "OutputError"),
     ("bonedamage.explain.predict", "PredictError"),
     ("bonedamage.lifecycle.registry", "PromotionError"),
     ("bonedamage.lifecycle.pyfunc", "RequestError"),
@@ -59,6 +61,28 @@ def _data_root(args: argparse.Namespace, params: dict) -> Path:
     return Path(args.data_root or section(params, "data", args.params)["root"])
 
 
+def _file_out(args: argparse.Namespace, out: str | Path, *inputs: Path | str | None) -> Path:
+    """``out``, checked: not a folder, an input or inside an input folder (OutputError)."""
+    from bonedamage.atomic import check_output_file
+
+    check_output_file(out, inputs=(args.params, *inputs))
+    return Path(out)
+
+
+def _need(args: argparse.Namespace, *files: Path, json: Sequence[Path] = ()) -> None:
+    """The tile index, splits table, ``files`` and ``json`` files a command reads: there,
+    not empty and of the right kind (InputError), before the slow imports and MLflow."""
+    from bonedamage.atomic import require, require_json, require_parquet
+    from bonedamage.data.tilestore import INDEX_NAME
+
+    require_parquet(Path(args.tiles) / INDEX_NAME, "tile index")
+    require_parquet(args.splits, "splits table")
+    for path in files:
+        require(path, "input")
+    for path in json:
+        require_json(path, "input")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     """Generate the phantom dataset into the data root."""
     from bonedamage.data.synth.generate import generate_dataset
@@ -67,7 +91,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = section(params, "synth", args.params)
     out = Path(args.out or section(params, "data", args.params)["root"])
     manifest = generate_dataset(
-        cfg, out, workers=args.workers, progress=not args.no_progress, force=args.force
+        cfg,
+        out,
+        workers=args.workers,
+        progress=not args.no_progress,
+        force=args.force,
+        inputs=(Path(args.params),),
     )
     print(f"wrote {len(manifest)} scans of {manifest['specimen_id'].nunique()} specimens to {out}")
     return 0
@@ -122,13 +151,14 @@ def cmd_describe(args: argparse.Namespace) -> int:
     from bonedamage.data.describe import describe, write_metrics
 
     params = load_params(args.params)
+    out = _file_out(args, args.out, _data_root(args, params))
     metrics = describe(
         _data_root(args, params),
         section(params, "describe", args.params),
         section(params, "tile", args.params)["tile_um"],
         progress=not args.no_progress,
     )
-    write_metrics(metrics, Path(args.out))
+    write_metrics(metrics, out)
     print(f"wrote {args.out}")
     return 0
 
@@ -143,6 +173,8 @@ def cmd_tile(args: argparse.Namespace) -> int:
         Path(args.out),
         section(params, "tile", args.params),
         progress=not args.no_progress,
+        force=args.force,
+        inputs=(Path(args.params),),
     )
     counts = index.groupby(["tissue", "state"]).size().to_dict()
     print(
@@ -156,16 +188,15 @@ def cmd_split(args: argparse.Namespace) -> int:
     """Specimen-grouped train/val/test splits (and the leaky by-tile alternative)."""
     import json
 
-    import pandas as pd
-
-    from bonedamage.atomic import atomic_path, write_text_atomic
+    from bonedamage.atomic import atomic_path, read_parquet, write_text_atomic
     from bonedamage.data.splits import make_splits, summary
     from bonedamage.data.tilestore import INDEX_NAME
 
     params = load_params(args.params)
-    index = pd.read_parquet(Path(args.tiles) / INDEX_NAME)
+    out = _file_out(args, args.out, args.tiles)
+    _file_out(args, args.metrics, args.tiles, out)
+    index = read_parquet(Path(args.tiles) / INDEX_NAME, "tile index")
     splits = make_splits(index, section(params, "split", args.params))
-    out = Path(args.out)
     with atomic_path(out) as tmp:
         splits.to_parquet(tmp, index=False)
     write_text_atomic(
@@ -179,23 +210,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate manifest, tile index and splits with great-expectations; build Data Docs."""
     import json
 
-    import pandas as pd
-
-    from bonedamage.atomic import write_text_atomic
+    from bonedamage.atomic import read_parquet, write_text_atomic
     from bonedamage.data.manifest import read_manifest
     from bonedamage.data.tilestore import INDEX_NAME
     from bonedamage.data.validate import validate_tables
 
     params = load_params(args.params)
+    _need(args)  # before the manifest: a missing table is named whatever else is wrong
+    inputs = (_data_root(args, params), Path(args.tiles), Path(args.splits), Path(args.params))
+    out = _file_out(args, args.out, *inputs, args.docs)
     report = validate_tables(
         read_manifest(_data_root(args, params)),
-        pd.read_parquet(Path(args.tiles) / INDEX_NAME),
-        pd.read_parquet(args.splits),
+        read_parquet(Path(args.tiles) / INDEX_NAME, "tile index"),
+        read_parquet(args.splits, "splits table"),
         section(params, "validate", args.params),
         docs_dir=Path(args.docs),
+        inputs=inputs,
+        force=args.force,
     )
     write_text_atomic(
-        Path(args.out), json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+        out, json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
     )
     print(report.summary())
     print(f"Data Docs: {report.docs_index}")
@@ -204,21 +238,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _tracked(args: argparse.Namespace) -> dict:
     """params.yaml, with MLflow pointed at its store (the learning stages are tracked)."""
+    params = load_params(args.params)
+    _store(args, params)
     from bonedamage.lifecycle.tracking import configure
 
-    params = load_params(args.params)
     configure(section(params, "mlflow", args.params))
     return params
+
+
+def _store(args: argparse.Namespace, params: dict) -> None:
+    """The tracking store of params mlflow.db, when used, is an SQLite file (InputError)."""
+    from bonedamage.atomic import require_sqlite
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        db = section(params, "mlflow", args.params).get("db")
+        if db:
+            require_sqlite(db, "the MLflow tracking store, params mlflow.db")
 
 
 @contextmanager
 def _training(args: argparse.Namespace, device_from: str = "train") -> Iterator[dict]:
     """params.yaml inside the process group of a ``torchrun`` launch (nothing to join
     without one); MLflow is configured on the rank that tracks (rank 0) only."""
+    params = load_params(args.params)
+    _store(args, params)
     from bonedamage.learn import distributed
     from bonedamage.lifecycle.tracking import configure
 
-    params = load_params(args.params)
     cfg = {**section(params, "train", args.params), **params.get(device_from, {})}
     with distributed.session(str(cfg.get("device", "auto"))):
         if distributed.is_main():
@@ -236,6 +282,8 @@ def _report(line: str) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Optuna search of the CNN architecture for one tissue (nested MLflow runs per trial)."""
+    _need(args)
+    out = _file_out(args, args.out or f"models/{args.tissue}/cnn_search.json", args.tiles)
     from bonedamage.lifecycle.runs import run_search
 
     params = _tracked(args)
@@ -244,7 +292,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.tissue,
         Path(args.tiles),
         Path(args.splits),
-        Path(args.out or f"models/{args.tissue}/cnn_search.json"),
+        out,
         Path(args.reports),
         worker=args.worker,
     )
@@ -258,9 +306,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_train_cnn(args: argparse.Namespace) -> int:
     """Train the final CNN of a tissue with the best searched configuration: an ensemble of
     params.yaml cnn.ensemble networks (seeds train.seed, +1, ...) when above 1."""
+    models = Path(args.models) / args.tissue
+    _need(args, json=[models / "cnn_search.json"])
     from bonedamage.lifecycle.runs import run_train_cnn
 
-    models = Path(args.models) / args.tissue
     with _training(args) as params:
         scores = run_train_cnn(
             params,
@@ -276,6 +325,7 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Self-supervised rotation pretraining of the ResNet backbone for a tissue."""
+    _need(args)
     from bonedamage.lifecycle.runs import run_pretrain
 
     out = Path(args.models) / args.tissue / "pretext.pt"
@@ -287,9 +337,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_train_resnet(args: argparse.Namespace) -> int:
     """Fine-tune the ResNet of a tissue for every init in params resnet.inits."""
+    models = Path(args.models) / args.tissue
+    inits = section(load_params(args.params), "resnet", args.params).get("inits", [])
+    _need(args, *([models / "pretext.pt"] if "pretext" in inits else []))
     from bonedamage.lifecycle.runs import run_train_resnet
 
-    models = Path(args.models) / args.tissue
     with _training(args, "resnet") as params:
         scores = run_train_resnet(
             params,
@@ -305,10 +357,12 @@ def cmd_train_resnet(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Test-split metrics of every model of a tissue (metrics/<tissue>.json)."""
+    models = Path(args.models) / args.tissue
+    _need(args, models / "cnn.pt", models / "cnn_leaky.pt", json=[models / "cnn.json"])
+    out = _file_out(args, args.out or f"metrics/{args.tissue}.json", args.tiles, models)
     from bonedamage.lifecycle.runs import run_evaluate
 
     params = _tracked(args)
-    out = Path(args.out or f"metrics/{args.tissue}.json")
     results = run_evaluate(
         params,
         args.tissue,
@@ -328,18 +382,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register a tissue's CNN, ResNet and tissue model in the MLflow registry (challenger)."""
+    models = Path(args.models) / args.tissue
+    metrics = Path(args.metrics or f"metrics/{args.tissue}.json")
+    _need(args, models / "cnn.pt", json=[metrics, models / "cnn.json"])
+    out = _file_out(args, args.out or f"registry/{args.tissue}.json", args.tiles, models, metrics)
     from bonedamage.lifecycle.registry import run_register
 
     params = _tracked(args)
-    done = run_register(
-        params,
-        args.tissue,
-        Path(args.tiles),
-        Path(args.splits),
-        Path(args.models) / args.tissue,
-        Path(args.metrics or f"metrics/{args.tissue}.json"),
-        Path(args.out or f"registry/{args.tissue}.json"),
-    )
+    tables = Path(args.tiles), Path(args.splits)
+    done = run_register(params, args.tissue, *tables, models, metrics, out)
     for row in done:
         state = "new version" if row["created"] else "already registered:"
         print(f"{row['name']}: {state} {row['version']} -> @challenger")
@@ -369,6 +420,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Grad-CAM maps of a tissue's CNN and ResNet: overlays, CAM TIFFs, localization metrics."""
+    models = Path(args.models) / args.tissue
+    metrics = Path(args.metrics or f"metrics/{args.tissue}.json")
+    _need(args, models / "cnn.pt", json=[metrics, models / "cnn.json"])
+    out = _file_out(args, args.out or f"metrics/{args.tissue}-gradcam.json", args.tiles, models)
     from bonedamage.explain.report import run_explain
 
     params = _tracked(args)
@@ -378,10 +433,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _data_root(args, params),
         Path(args.tiles),
         Path(args.splits),
-        Path(args.models) / args.tissue,
-        Path(args.metrics or f"metrics/{args.tissue}.json"),
+        models,
+        metrics,
         Path(args.reports),
-        Path(args.out or f"metrics/{args.tissue}-gradcam.json"),
+        out,
+        force=args.force,
     )
     nan = float("nan")
     for name, m in results.items():
@@ -396,22 +452,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict a whole scan with a registered model: tile table, verdict, 3D damage maps."""
+    from bonedamage.atomic import require
+
+    require(args.scan, "scan", folder=None)  # before MLflow and the model load
     from bonedamage.explain.predict import load_model, predict_scan
     from bonedamage.explain.report import layer_for
 
-    params = _tracked(args)
+    # params.yaml only overrides (explain.layer) and names the tracking store; without
+    # one, the registered model carries its settings and MLFLOW_TRACKING_URI the store
+    default = args.params == "params.yaml" and not Path(args.params).is_file()
+    params = {} if default else _tracked(args)
     model = load_model(args.model)
-    layer = args.cam_layer or layer_for(params.get("explain", {}), model.meta["kind"])
+    layer = (
+        args.cam_layer
+        or layer_for(params.get("explain", {}), model.meta["kind"])
+        or model.meta.get("cam_layer")
+    )
     verdict = predict_scan(
         model,
         Path(args.scan),
         Path(args.out),
         voxel_size_um=args.voxel_size_um,
         model_uri=args.model,
+        allow_resample=args.allow_resample,
         cam=not args.no_cam,
         cam_layer=layer,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        force=args.force,
     )
     print(
         f"{args.scan}: {verdict['verdict']} (mean tile probability "
@@ -426,14 +494,16 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from bonedamage.lifecycle.gate import run_gate, write_report
 
     cfg = section(load_params(args.params), "gate", args.params)
+    metrics = Path(args.metrics) if args.metrics else Path(args.repo) / "metrics"
     report = run_gate(
         Path(args.repo),
         cfg,
         rev=args.rev,
         baseline_dir=Path(args.baseline) if args.baseline else None,
-        metrics_dir=Path(args.metrics) if args.metrics else None,
+        metrics_dir=metrics,
     )
-    paths = write_report(report, Path(args.out))
+    inputs = (metrics, args.baseline, Path(args.repo) / "dvc.lock", args.params)
+    paths = write_report(report, Path(args.out), inputs=inputs, force=args.force)
     print(report.to_markdown())
     print("report: " + ", ".join(map(str, paths)))
     if report.regressions:
@@ -447,6 +517,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0 if report.passed else 1
+
+
+FORCE = "replace an output folder that holds files this command did not write"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,7 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes (default: params synth.workers); the output does not depend on it",
     )
     p.add_argument(
-        "--force", action="store_true", help="replace a data root that holds ingested scans"
+        "--force",
+        action="store_true",
+        help="replace an output folder holding what synth did not write (ingested scans)",
     )
     p.set_defaults(func=cmd_synth)
 
@@ -484,9 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest",
         parents=[common],
         help="add real TIFF scans to the data root",
-        description=cmd_ingest.__doc__ + " SOURCE is a multi-page TIFF or a "
-        "folder of one-slice TIFFs (uint8, uint16 or float32). The voxel size "
-        "is read from ImageJ/OME/resolution tags unless --voxel-size-um is given.",
+        description=cmd_ingest.__doc__ + " SOURCE is a multi-page TIFF or a folder of "
+        "one-slice TIFFs (uint8, uint16, int16 or float32; uncompressed, LZW, zstd, deflate "
+        "or PackBits). The voxel size is read from ImageJ/OME/resolution tags unless "
+        "--voxel-size-um is given.",
     )
     p.add_argument("source", nargs="?", help="scan: multi-page TIFF or folder of slices")
     p.add_argument("--specimen-id", help="specimen the scan belongs to")
@@ -534,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-root", help="data root (default: params data.root)")
     p.add_argument("--out", default="data/tiles", help="tile store (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help=FORCE)
     p.set_defaults(func=cmd_tile)
 
     p = sub.add_parser(
@@ -569,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="metrics/validation.json", help="validation summary (default: %(default)s)"
     )
+    p.add_argument("--force", action="store_true", help=FORCE)
     p.set_defaults(func=cmd_validate)
 
     learn = argparse.ArgumentParser(add_help=False)
@@ -699,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reports", default="reports/gradcam", help="exports folder (default: %(default)s)"
     )
     p.add_argument("--out", help="localization metrics (default: metrics/TISSUE-gradcam.json)")
+    p.add_argument("--force", action="store_true", help=FORCE)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
@@ -719,8 +798,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="model URI, e.g. models:/bonedamage-trabecular@champion",
     )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--force", action="store_true", help=FORCE + "; or outputs over the domain's size limit"
+    )
     p.add_argument("--voxel-size-um", type=float, help="voxel size (default: from the TIFF tags)")
     p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM volume (faster)")
+    p.add_argument(
+        "--allow-resample",
+        action="store_true",
+        help="predict a scan coarser than the model's domain allows (verdict: uncertain)",
+    )
     p.add_argument(
         "--cam-layer",
         help="Grad-CAM target layer, a module name (default: params.yaml explain.layer for "
@@ -746,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="folder of the new metrics (default: REPO/metrics)")
     p.add_argument("--repo", default=".", help="repository root (default: %(default)s)")
     p.add_argument("--out", default="reports/gate", help="report folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help=FORCE)
     p.set_defaults(func=cmd_gate)
     return parser
 
@@ -758,6 +846,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder that is missing, unreadable, of another kind
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -1,10 +1,21 @@
 """Ingest: add real scans to the data root with a manifest row each.
 
-A user's scan (a folder of one-slice TIFFs or a multi-page TIFF; uint8, uint16 or
-float32) is copied into ``<data_root>/<tissue>/<scan_id>.tif`` as an uncompressed ImageJ
-stack with the voxel size in its tags, the form every later stage reads (memory-mapped,
-at scale in Fiji and napari), and the manifest gains one row for it. Real scans have no
-ground-truth damage mask, so ``mask_path`` stays empty.
+A user's scan (a folder of one-slice TIFFs or a multi-page TIFF, ImageJ or OME, as
+written or page by page, uncompressed or LZW/zstd/Deflate/PackBits-compressed; uint8,
+uint16, int16 or float32: see ``volume.py``) is copied into
+``<data_root>/<tissue>/<scan_id>.tif`` as an uncompressed ImageJ stack with the voxel size
+in its tags, the form every later stage reads (memory-mapped, at scale in Fiji and
+napari), and the manifest gains one row for it. Real scans have no ground-truth damage
+mask, so ``mask_path`` stays empty.
+
+An int16 scan is copied as uint16 holding ``value + 32768`` (lossless and
+order-preserving, so the tiles' percentile normalisation is unchanged); its manifest row
+says ``dtype`` uint16, the dtype of the copy.
+
+The voxel size comes from ``voxel_size_um`` if given, else from the source's tags; either
+must lie within 0.1 um-1 mm (``VOXEL_RANGE_UM``): a voxel size outside it is a unit gone
+wrong (e.g. a resolution tag in inches that meant micrometres) and would make every later
+stage resample the scan to nonsense.
 
 Scans are streamed slice by slice, so a scan larger than RAM works. Ingestion is
 all-or-nothing: every request is checked first (fields, ids, sources' headers), then each
@@ -42,7 +53,13 @@ from bonedamage.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from bonedamage.data.volume import VolumeError, VolumeReader, write_volume
+from bonedamage.data.volume import (
+    VOXEL_RANGE_TEXT,
+    VolumeError,
+    VolumeReader,
+    voxel_size_in_range,
+    write_volume,
+)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CSV_REQUIRED = ("specimen_id", "tissue", "state", "path", "voxel_size_um")
@@ -128,6 +145,11 @@ def _check_fields(req: IngestRequest, where: str) -> None:
         raise IngestError(
             f"{where}: voxel_size_um {req.voxel_size_um!r} is invalid; it must be a finite "
             "number > 0 (micrometres)"
+        )
+    if req.voxel_size_um is not None and not voxel_size_in_range(float(req.voxel_size_um)):
+        raise IngestError(
+            f"{where}: voxel_size_um {req.voxel_size_um:g} is outside {VOXEL_RANGE_TEXT}; give "
+            "it in micrometres"
         )
     if not isinstance(req.species, str) or not req.species.strip() or "\n" in req.species:
         raise IngestError(f"{where}: species {req.species!r} must be a non-empty one-line name")
@@ -268,8 +290,9 @@ def _plan(request: IngestRequest, data_root: Path) -> _Planned:
     try:
         with VolumeReader(request.source) as reader:
             shape = tuple(int(s) for s in reader.shape)
-            dtype = np.dtype(reader.dtype)
-            tag_voxel = reader.voxel_size_um
+            dtype = np.dtype(reader.dtype)  # uint16 for an int16 source (+ 32768)
+            # asked only when not given: an implausible tag raises, a given size replaces it
+            tag_voxel = reader.voxel_size_um if request.voxel_size_um is None else None
     except VolumeError as exc:
         raise IngestError(str(exc)) from exc
     if shape[0] < 2:
@@ -386,7 +409,7 @@ def _row(plan: _Planned, sha256: str) -> dict[str, object]:
         "path": req.relative_path(),
         "mask_path": "",
         "shape": format_shape(plan.shape),
-        "dtype": str(plan.dtype),
+        "dtype": str(plan.dtype),  # of the copy: uint16 for an int16 source (value + 32768)
         "sha256": sha256,
         "source": "ingest",
     }

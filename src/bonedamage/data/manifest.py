@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bonedamage.atomic import write_text_atomic
+from bonedamage.data.volume import VOXEL_RANGE_TEXT, voxel_size_in_range
 
 MANIFEST_NAME = "manifest.csv"
 TISSUES = ("cortical", "trabecular")
@@ -115,6 +116,11 @@ def check_manifest(df: pd.DataFrame, data_root: str | os.PathLike[str], *, sourc
         if not (math.isfinite(row.voxel_size_um) and row.voxel_size_um > 0):
             raise ManifestError(
                 f"{source}: scan {row.scan_id}: voxel_size_um={row.voxel_size_um}; it must be > 0"
+            )
+        if not voxel_size_in_range(row.voxel_size_um):
+            raise ManifestError(
+                f"{source}: scan {row.scan_id}: voxel_size_um={row.voxel_size_um:g} is outside "
+                f"{VOXEL_RANGE_TEXT}; correct the row (micrometres)"
             )
         confined(data_root, row.path, what=f"{source}: scan {row.scan_id}: path")
         if row.mask_path:

@@ -155,8 +155,11 @@ def fit_normalization(
             for p in planes
         ]
     ).astype(np.float64)
-    if values.size == 0:
-        raise TilingError(f"{source}: no reconstructed voxels to normalise")
+    if values.size == 0:  # every sampled voxel equals the corners' value: a constant image
+        raise TilingError(
+            f"{source}: constant intensity ({fill:g} in every sampled slice): the image is "
+            "constant; nothing to normalise or tile"
+        )
     if not np.isfinite(values).all():
         kind = "NaN" if np.isnan(values).any() else "infinite"
         raise TilingError(f"{source}: contains {kind} values; scans must be finite")
@@ -489,9 +492,19 @@ def _cut(
 
 
 def tile_dataset(
-    data_root: Path, out_dir: Path, cfg: dict[str, Any], *, progress: bool = True
+    data_root: Path,
+    out_dir: Path,
+    cfg: dict[str, Any],
+    *,
+    progress: bool = True,
+    force: bool = False,
+    inputs: tuple[Path, ...] = (),
 ) -> pd.DataFrame:
-    """Tile every scan of the manifest into ``out_dir`` (replaced atomically); return the index."""
+    """Tile every scan of the manifest into ``out_dir`` (replaced atomically); return the index.
+
+    ``out_dir`` must be new, empty or an earlier tile store (else ``force``), and never the
+    data root or one of ``inputs``, nor inside or around one (:func:`atomic_dir`).
+    """
     manifest = read_manifest(data_root)
     if manifest.empty:
         raise TilingError(f"{data_root}: the manifest has no scans to tile")
@@ -499,7 +512,7 @@ def tile_dataset(
     settings = {t: TileSettings.from_params(cfg, t) for t in tissues}
     frames: list[pd.DataFrame] = []
     normalization: dict[str, Any] = {}
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, owner="tile", inputs=(data_root, *inputs), force=force) as staging:
         for tissue in tissues:
             scans = manifest[manifest["tissue"] == tissue]
             for row in tqdm(

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bonedamage.atomic import atomic_dir
+from bonedamage.atomic import atomic_dir, check_output_dir
 from bonedamage.data.manifest import DTYPES as MANIFEST_DTYPES
 from bonedamage.data.manifest import STATES, TISSUES
 from bonedamage.data.splits import SCHEMES, SPLITS
@@ -601,18 +601,25 @@ def validate_tables(
     splits: pd.DataFrame,
     cfg: dict,
     docs_dir: Path | None = None,
+    *,
+    inputs: Sequence[Path] = (),
+    force: bool = False,
 ) -> ValidationReport:
     """Validate the manifest, tile index and splits; build Data Docs in ``docs_dir`` if given.
 
     ``cfg`` is the ``validate`` section of params.yaml (``max_class_imbalance``,
     ``min_tiles_per_class``). A failing validation is reported, not raised: the caller
-    decides (the CLI exits non-zero with :meth:`ValidationReport.summary`).
+    decides (the CLI exits non-zero with :meth:`ValidationReport.summary`). ``docs_dir``
+    is replaced as a whole: it must be new, empty or earlier Data Docs (else ``force``),
+    and never one of ``inputs`` (the files the tables came from), inside or around one.
     """
+    if docs_dir is not None:  # before the seconds great-expectations takes to import
+        check_output_dir(docs_dir, owner="validate", inputs=inputs, force=force)
     _import_gx()
     suites = _build_suites(manifest, tiles, splits, cfg)
     if docs_dir is None:
         return _run(suites, None)
     docs_dir = Path(docs_dir)
-    with atomic_dir(docs_dir) as tmp:
+    with atomic_dir(docs_dir, owner="validate", inputs=inputs, force=force) as tmp:
         report = _run(suites, tmp.resolve())  # GX needs an absolute site folder
     return replace(report, docs_index=docs_dir / "index.html")

@@ -7,17 +7,28 @@ neighbouring planes of a 2.5-D model), normalises it with the scan's
 own robust range (as ``bonedamage tile`` does), cuts the same grid of tiles, and
 classifies them in batches; optionally it computes each tile's Grad-CAM map.
 
+The model answers only inside its applicability domain (``bonedamage.learn.domain``,
+registered with it): a scan coarser than its working voxel by more than the domain's
+``max_voxel_ratio`` is refused (``allow_resample`` predicts anyway, as *uncertain*); every
+tile gets a domain distance and an in-domain flag; a scan with more out-of-domain tiles
+than ``max_out_of_domain_share`` gets the verdict *uncertain*, with the reason, never
+*failed* or *pristine*. Before any plane is read, the number of tiles and the size of
+the outputs are estimated; outputs over ``max_output_ratio`` times the scan are refused
+unless ``force``.
+
 Outputs (in ``out``):
 
 - ``tiles.csv``: one row per classified tile (plane index, origin, scan voxel position,
-  failed probability, label); ``slices.csv``: per plane (tiles, mean and max probability,
-  failed tiles);
+  failed probability, domain distance, in-domain flag); ``slices.csv``: per plane (tiles,
+  mean and max probability, failed tiles);
 - ``verdict.json``: the scan-level verdict with its rule (failed when the mean tile
-  probability exceeds the model's threshold: the ``mean`` rule of ``evaluate``);
+  probability exceeds the model's threshold: the ``mean`` rule of ``evaluate``), the
+  model's own call, the out-of-domain share and the reasons for an *uncertain* verdict;
 - ``probability.tif`` and ``cam.tif``: float32 ImageJ stacks, one page per predicted
-  plane (pages along the plane normal, ``slice_stride`` planes apart; in-plane pixels at
-  the working voxel size; NaN where no tile was classified), with the spacing and pixel
-  size in their tags so they open at scale in Fiji and napari;
+  plane (pages along the plane normal, ``slice_stride`` of the scan's planes apart, so
+  the page spacing is ``slice_stride`` x the scan's voxel; in-plane pixels at the working
+  voxel size; NaN where no tile was classified), with the spacing and pixel size in their
+  tags so they open at scale in Fiji and napari;
 - ``orthoviews.png``: the middle page and the two orthogonal sections of the probability
   stack.
 
@@ -49,7 +60,13 @@ from bonedamage.data.tiling import (
     plane_with_context,
     scan_scale,
 )
-from bonedamage.data.volume import VolumeError, open_volume, write_volume
+from bonedamage.data.volume import (
+    VOXEL_RANGE_TEXT,
+    VolumeError,
+    open_volume,
+    voxel_size_in_range,
+    write_volume,
+)
 from bonedamage.explain import gradcam
 from bonedamage.lifecycle.pyfunc import TileClassifier
 
@@ -78,6 +95,15 @@ class _Plane:
     cut: Any  # PlaneTiles
 
 
+@dataclass
+class _Result:
+    plane: _Plane
+    prob: np.ndarray
+    distance: np.ndarray | None  # domain distance per tile (None: the model has no domain)
+    inside: np.ndarray | None
+    maps: np.ndarray | None
+
+
 def _flush(
     model: TileClassifier,
     pending: list[_Plane],
@@ -86,12 +112,12 @@ def _flush(
     cam: bool,
     batch_size: int,
     cam_layer: str | None,
-) -> list[tuple[_Plane, np.ndarray, np.ndarray | None]]:
-    """Classify (and explain) the kept tiles of the pending planes in one batch."""
+) -> list[_Result]:
+    """Classify, place in the domain (and explain) the kept tiles of the pending planes."""
     kept = [p.cut.tiles[p.cut.keep] for p in pending]
     counts = [len(k) for k in kept]
     raw = np.concatenate(kept) if sum(counts) else np.empty((0, 0, 0))  # (n, [3,] px, px)
-    prob = model.failed_probability(raw, lo, hi) if len(raw) else np.empty(0)
+    prob, distance, inside = model.assess(raw, lo, hi) if len(raw) else (np.empty(0), None, None)
     maps = None
     if cam and len(raw):
         maps = gradcam.compute_cams(
@@ -99,8 +125,15 @@ def _flush(
         )
     out, start = [], 0
     for plane, n in zip(pending, counts, strict=True):
+        part = slice(start, start + n)
         out.append(
-            (plane, prob[start : start + n], None if maps is None else maps[start : start + n])
+            _Result(
+                plane,
+                prob[part],
+                None if distance is None else distance[part],
+                None if inside is None else inside[part],
+                None if maps is None else maps[part],
+            )
         )
         start += n
     return out
@@ -115,8 +148,13 @@ def load_model(uri: str) -> TileClassifier:
     try:
         model = load_classifier(uri)
     except (MlflowException, OSError, ValueError, KeyError) as exc:
+        import mlflow
+
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise PredictError(f"{uri}: cannot load the model ({first})") from exc
+        raise PredictError(
+            f"{uri}: cannot load the model ({first}; tracking store {mlflow.get_tracking_uri()},"
+            " set MLFLOW_TRACKING_URI to the store that holds it)"
+        ) from exc
     if not isinstance(model, TileClassifier):
         raise PredictError(f"{uri}: not a bonedamage tile classifier")
     return model
@@ -129,14 +167,19 @@ def predict_scan(
     *,
     voxel_size_um: float | None = None,
     model_uri: str = "",
+    allow_resample: bool = False,
     cam: bool = True,
     cam_layer: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Predict a whole scan into ``out`` (replaced atomically); return the verdict.
 
-    ``cam_layer`` names the Grad-CAM target layer (None: the last conv block).
+    ``cam_layer`` names the Grad-CAM target layer (None: the last conv block). A scan
+    coarser than the model's domain allows is refused unless ``allow_resample`` (its
+    verdict is then *uncertain*); outputs larger than the domain's ``max_output_ratio``
+    times the scan are refused unless ``force``.
     """
     if batch_size < 1:
         raise PredictError(f"batch_size {batch_size}: must be a positive number of tiles")
@@ -157,9 +200,16 @@ def predict_scan(
             )
         if not (np.isfinite(voxel) and voxel > 0):
             raise PredictError(f"{scan}: voxel size {voxel} um; it must be positive")
+        if not voxel_size_in_range(voxel):
+            raise PredictError(
+                f"{scan}: voxel size {voxel:g} um is outside {VOXEL_RANGE_TEXT}; give it in um"
+            )
         if vol.shape[0] < 2:
             raise PredictError(f"{scan}: a single 2D slice; predict needs the whole stack")
-        scale = scan_scale(float(voxel), settings.working_voxel_um)
+        voxel = float(voxel)
+        limits = _Limits.of(model)
+        resampled = limits.check_voxel(scan, voxel, settings.working_voxel_um, allow_resample)
+        scale = scan_scale(voxel, settings.working_voxel_um)
         norm = fit_normalization(vol, settings.percentiles, scale, str(scan))
         count, read_plane = plane_reader(vol, plane)
         context = settings.context_planes(float(voxel))
@@ -169,6 +219,8 @@ def predict_scan(
 
         indices = list(range(0, count, settings.slice_stride))
         page_of = {index: page for page, index in enumerate(indices)}
+        estimate = _estimate(vol.shape, vol.dtype, plane, scale, len(indices), settings, cam)
+        limits.check_size(scan, estimate, force)
         try:
             first = plane_tiles(_finite(read(indices[0]), scan, plane, 0), norm, settings)
         except TilingError as exc:
@@ -177,7 +229,10 @@ def predict_scan(
                 f"{settings.working_voxel_um} um; tile {settings.tile_um} um)"
             ) from exc
         page_shape = first.image.shape
-        with atomic_dir(out) as staging, tempfile.TemporaryDirectory(dir=staging) as scratch:
+        with (
+            atomic_dir(out, owner="predict", inputs=(scan,), force=force) as staging,
+            tempfile.TemporaryDirectory(dir=staging) as scratch,
+        ):
             shape = (len(indices), *page_shape)
             prob_vol = np.lib.format.open_memmap(Path(scratch) / "p.npy", "w+", np.float32, shape)
             cam_vol = np.lib.format.open_memmap(Path(scratch) / "c.npy", "w+", np.float32, shape)
@@ -187,15 +242,20 @@ def predict_scan(
             pending: list[_Plane] = []
             bar = tqdm(total=len(indices), desc=f"predict {scan.name}", disable=not progress)
 
-            def emit(results: list[tuple[_Plane, np.ndarray, np.ndarray | None]]) -> None:
-                for p, prob, maps in results:
+            def emit(results: list[_Result]) -> None:
+                for res in results:
+                    p = res.plane
                     page = page_of[p.index]
                     r_all, c_all = p.cut.rows[p.cut.keep], p.cut.cols[p.cut.keep]
                     for k, (r, c) in enumerate(zip(r_all, c_all, strict=True)):
-                        prob_vol[page, r : r + size, c : c + size] = prob[k]
-                        if maps is not None:
-                            cam_vol[page, r : r + size, c : c + size] = maps[k]
-                        rows.append(_tile_row(plane, p.index, int(r), int(c), scale, prob[k]))
+                        prob_vol[page, r : r + size, c : c + size] = res.prob[k]
+                        if res.maps is not None:
+                            cam_vol[page, r : r + size, c : c + size] = res.maps[k]
+                        row = _tile_row(plane, p.index, int(r), int(c), scale, res.prob[k])
+                        if res.distance is not None and res.inside is not None:
+                            row["domain_distance"] = round(float(res.distance[k]), 3)
+                            row["in_domain"] = int(res.inside[k])
+                        rows.append(row)
                     bar.update(1)
 
             for i in indices:
@@ -219,9 +279,11 @@ def predict_scan(
                 )
             tiles["label"] = (tiles["prob_failed"] > model.threshold).astype(int)
             verdict = _verdict(tiles, model, scan, model_uri, plane, voxel, settings)
-            verdict["n_pages"] = len(indices)
+            verdict.update(limits.judge(tiles, resampled), n_pages=len(indices), estimate=estimate)
             _write_tables(staging, tiles, plane, verdict)
-            spacing = settings.slice_stride * settings.working_voxel_um
+            # pages are slice_stride of the scan's own planes apart; in-plane pixels are at
+            # the working voxel size (the planes were resampled to it)
+            spacing = settings.slice_stride * voxel
             for name, stack in (("probability", prob_vol), ("cam", cam_vol)):
                 if name == "cam" and not cam:
                     continue
@@ -237,6 +299,94 @@ def predict_scan(
     return verdict
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """The part of a model's applicability domain that ``predict`` applies to a scan."""
+
+    has_domain: bool
+    max_voxel_ratio: float
+    max_out_of_domain_share: float
+    max_output_ratio: float
+
+    @classmethod
+    def of(cls, model: TileClassifier) -> _Limits:
+        dom = model.domain or {}
+        return cls(
+            model.domain is not None,
+            float(dom.get("max_voxel_ratio", DEFAULT_MAX_VOXEL_RATIO)),
+            float(dom.get("max_out_of_domain_share", 0.0)),
+            float(dom.get("max_output_ratio", DEFAULT_MAX_OUTPUT_RATIO)),
+        )
+
+    def check_voxel(self, scan: Path, voxel: float, working: float, allow: bool) -> str | None:
+        """PredictError for a scan too coarse for the model, unless ``allow``; then the
+        reason the result is out of the domain (None: the voxel is in the domain)."""
+        ratio = voxel / working
+        if ratio <= self.max_voxel_ratio:
+            return None
+        reason = (
+            f"the scan's voxel size {voxel:g} um is {ratio:.1f}x coarser than the model's "
+            f"working voxel {working:g} um (at most {self.max_voxel_ratio:g}x): features of "
+            "that size were not resolved in the training scans"
+        )
+        if not allow:
+            raise PredictError(f"{scan}: {reason}; --allow-resample predicts anyway (uncertain)")
+        return reason
+
+    def check_size(self, scan: Path, estimate: dict[str, int], force: bool) -> None:
+        """PredictError when the outputs would outweigh the scan absurdly (unless ``force``)."""
+        limit = self.max_output_ratio * estimate["scan_bytes"]
+        if estimate["output_bytes"] > limit and not force:
+            raise PredictError(
+                f"{scan}: about {estimate['tiles']} tiles and "
+                f"{estimate['output_bytes'] / 2**20:.0f} MiB of maps, over "
+                f"{self.max_output_ratio:g}x the scan's {estimate['scan_bytes'] / 2**20:.1f} MiB;"
+                " --force predicts anyway"
+            )
+
+    def judge(self, tiles: pd.DataFrame, resampled: str | None) -> dict[str, Any]:
+        """The domain part of the verdict; the verdict is *uncertain* when the scan is
+        outside the domain (see the reason), never *failed* or *pristine*."""
+        reasons = [resampled] if resampled else []
+        share = None
+        if not self.has_domain:
+            reasons.append("the model carries no applicability domain: re-register it")
+        else:
+            share = round(1.0 - float(tiles["in_domain"].mean()), 6)
+            if share > self.max_out_of_domain_share:
+                reasons.append(
+                    f"{share:.0%} of the tiles are outside the model's domain (more than "
+                    f"{self.max_out_of_domain_share:.0%}): they do not look like its training tiles"
+                )
+        out = {"out_of_domain_share": share, "in_domain": not reasons, "domain_reasons": reasons}
+        return {**out, "verdict": "uncertain"} if reasons else out
+
+
+DEFAULT_MAX_VOXEL_RATIO = 1.5  # for a model registered without a domain
+DEFAULT_MAX_OUTPUT_RATIO = 10.0
+
+
+def _estimate(
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    plane: str,
+    scale: float,
+    pages: int,
+    settings: TileSettings,
+    cam: bool,
+) -> dict[str, int]:
+    """Tiles and bytes of the outputs, from the scan's shape alone (before any plane is read)."""
+    axes = {"axial": (1, 2), "coronal": (0, 2), "sagittal": (0, 1)}[plane]
+    h, w = (max(1, round(shape[a] * scale)) for a in axes)
+    per_page = (h // settings.tile_px) * (w // settings.tile_px)
+    stacks = 2 if cam else 1
+    return {
+        "tiles": pages * per_page,
+        "output_bytes": pages * h * w * 4 * stacks,
+        "scan_bytes": int(np.prod(shape)) * np.dtype(dtype).itemsize,
+    }
+
+
 def _finite(raw: np.ndarray, scan: Path, plane: str, index: int) -> np.ndarray:
     """The plane, or PredictError when it holds NaN or inf (the range samples few planes)."""
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -246,7 +396,18 @@ def _finite(raw: np.ndarray, scan: Path, plane: str, index: int) -> np.ndarray:
     return raw
 
 
-TILE_COLUMNS = ["plane", "index", "r", "c", "z", "y", "x", "prob_failed"]
+TILE_COLUMNS = [
+    "plane",
+    "index",
+    "r",
+    "c",
+    "z",
+    "y",
+    "x",
+    "prob_failed",
+    "domain_distance",
+    "in_domain",
+]
 
 
 def _tile_row(plane: str, index: int, r: int, c: int, scale: float, prob: float) -> dict:
@@ -273,6 +434,7 @@ def _verdict(
         "model": uri,
         "tissue": model.tiling.get("tissue"),
         "verdict": "failed" if mean > model.threshold else "pristine",
+        "model_call": "failed" if mean > model.threshold else "pristine",
         "rule": f"failed when the mean tile probability > {model.threshold}",
         "mean_prob_failed": round(mean, 6),
         "failed_tile_share": round(float(tiles["label"].mean()), 6),

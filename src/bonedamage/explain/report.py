@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from bonedamage.atomic import atomic_dir, write_text_atomic
+from bonedamage.atomic import atomic_dir, check_output_dir, write_text_atomic
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.tiling import damage_masks
 from bonedamage.explain import gradcam
@@ -194,8 +194,16 @@ def run_explain(
     metrics: Path,
     reports: Path,
     out: Path,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Grad-CAM exports and localization metrics for the tissue's CNN and ResNet."""
+    """Grad-CAM exports and localization metrics for the tissue's CNN and ResNet.
+
+    ``reports/<tissue>`` is replaced as a whole: it must be new, empty or earlier exports
+    of explain (else ``force``), and never one of the inputs, inside or around one.
+    """
+    inputs = (data_root, tiles, splits, models, metrics)
+    check_output_dir(reports / tissue, owner="explain", inputs=inputs, force=force)
     cfg = params["explain"]
     seed_everything(int(cfg["seed"]), int(params["train"]["threads"]))
     store, table = TileStore(tiles), pd.read_parquet(splits)
@@ -207,7 +215,7 @@ def run_explain(
         params["resnet"]["inits"],
     )[:2]  # fmt: skip
     results: dict[str, Any] = {}
-    with atomic_dir(reports / tissue) as staging:
+    with atomic_dir(reports / tissue, owner="explain", inputs=inputs, force=force) as staging:
         for cand in cands:
             model = build_module(cand.meta, cand.weights)
             prob = gradcam.failed_probability(model, store.tiles(positions))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bonedamage.atomic import write_text_atomic
+from bonedamage.atomic import atomic_dir, write_text_atomic
 
 LOCK = "dvc.lock"
 
@@ -258,9 +259,13 @@ def run_gate(
     return GateReport(rows, then is not None and then == now, same_platform, platforms)
 
 
-def write_report(report: GateReport, out_dir: Path) -> tuple[Path, Path]:
-    """``gate.json`` and ``gate.md`` (for a pull-request comment), written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "gate.json", report.to_json())
-    write_text_atomic(out_dir / "gate.md", report.to_markdown())
+def write_report(
+    report: GateReport, out_dir: Path, *, inputs: Sequence[Path] = (), force: bool = False
+) -> tuple[Path, Path]:
+    """``gate.json`` and ``gate.md`` (for a pull-request comment) in ``out_dir``, replaced
+    as a whole: it must be new, empty or an earlier gate report (else ``force``), and never
+    one of ``inputs`` (the metrics and baselines read), inside or around one."""
+    with atomic_dir(out_dir, owner="gate", inputs=inputs, force=force) as staging:
+        write_text_atomic(staging / "gate.json", report.to_json())
+        write_text_atomic(staging / "gate.md", report.to_markdown())
     return out_dir / "gate.json", out_dir / "gate.md"

@@ -14,9 +14,23 @@ one, as ``bonedamage tile`` cuts them), and applies the training normalisation
 - without them, ``lo`` / ``hi`` are the tiling percentiles of the request's own tiles, a
   good estimate when the request carries many tiles of one scan.
 
-The signature declares the dtype of the training scans' tiles (uint16 for the default
-phantoms); :meth:`TileClassifier.classify` takes uint8, uint16 or float32 tiles in-process.
-The output has one row per tile: ``prob_failed``, ``label`` (1 = failed) and ``class``.
+Tiles may come in any integer or float dtype (a JSON request's numbers arrive as int64 or
+float64); :meth:`TileClassifier.check` converts them to float32, which holds every uint8 and
+uint16 value exactly, and refuses anything else (bool, text, a wrong shape, NaN or inf) with
+a message naming the expected shape. The signature therefore declares no input schema, only
+the params and the output: MLflow casts a JSON request to a declared tensor dtype with
+``np.array(data, dtype)``, so a uint16 signature would truncate float tiles to 0 and 1 and
+answer them without a word, and a float signature would refuse uint16 arrays in-process.
+
+Float tiles are read as what they are. Without ``norm_lo`` / ``norm_hi`` the range is the
+request's own percentiles, which move with any increasing affine rescaling of the tiles, so
+tiles rescaled to [0, 1] get the same answer as their raw values. With them, tiles and range
+must be in the same units: :meth:`TileClassifier.classify` refuses (HTTP 400) a request whose
+robust range (the tiling percentiles of its values) spans under 1 % or over 100 times
+``norm_hi - norm_lo``, or lies more than that width outside it, such as [0, 1] tiles sent with
+the scan's raw range; a uint8 scan with ``norm_hi - norm_lo`` under 100 grey levels is the one
+case where [0, 1] tiles still span 1 % of it and pass. The output has one row per tile:
+``prob_failed``, ``label`` (1 = failed) and ``class``.
 
 The model is logged as *code* (:data:`MODEL_CODE`, ``mlflow.models.set_model``), not as a
 pickle: loading a registered version never unpickles anything.
@@ -36,11 +50,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from bonedamage.data.tilestore import normalize, with_channels
+from bonedamage.learn.domain import feature_capture, in_domain, intensity_stats, load_arrays
 from bonedamage.learn.models import build_module
 from bonedamage.lifecycle import tracking  # noqa: F401 - MLflow quiet and offline
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
-ARTIFACTS = ("weights", "meta", "tiling")
+ARTIFACTS = ("weights", "meta", "tiling", "domain", "domain_arrays")
 CLASSES = ("pristine", "failed")
 BATCH = 256
 
@@ -63,18 +78,49 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
     meta: dict[str, Any]
     tiling: dict[str, Any]
 
+    domain: dict[str, Any] | None = None  # applicability domain (learn/domain.py), if any
+    domain_arrays: dict[str, np.ndarray] | None = None
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         art = context.artifacts
+        domain = None
+        if "domain" in art and "domain_arrays" in art:
+            domain = (
+                json.loads(Path(art["domain"]).read_text()),
+                load_arrays(Path(art["domain_arrays"])),
+            )
         self.setup(
             json.loads(Path(art["meta"]).read_text()),
             json.loads(Path(art["tiling"]).read_text()),
             Path(art["weights"]),
+            domain,
         )
 
-    def setup(self, meta: dict[str, Any], tiling: dict[str, Any], weights: Path) -> None:
-        """Build the module from its sidecar and weights (also used without MLflow)."""
+    def setup(
+        self,
+        meta: dict[str, Any],
+        tiling: dict[str, Any],
+        weights: Path,
+        domain: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None,
+    ) -> None:
+        """Build the module from its sidecar and weights (also used without MLflow); the
+        domain is the (summary, arrays) pair of :func:`bonedamage.learn.domain.fit`."""
         self.meta, self.tiling = meta, tiling
         self.module = build_module(meta, weights)
+        self.domain, self.domain_arrays = domain if domain is not None else (None, None)
+
+    def assess(
+        self, tiles: Any, norm_lo: float, norm_hi: float
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Failed probability, domain distance and in-domain flag of each raw tile (the
+        last two None for a model without a domain), from one forward pass."""
+        if self.domain is None or self.domain_arrays is None:
+            return self.failed_probability(tiles, norm_lo, norm_hi), None, None
+        with feature_capture(self.module) as take:
+            prob = self.failed_probability(tiles, norm_lo, norm_hi)
+        intensity = intensity_stats(normalize(self.check(tiles), norm_lo, norm_hi))
+        distance, inside = in_domain(self.domain, self.domain_arrays, take(), intensity)
+        return prob, distance, inside
 
     @property
     def tile_px(self) -> int:
@@ -95,21 +141,34 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
     def threshold(self) -> float:
         return float(self.tiling.get("threshold", 0.5))
 
-    def intensity_range(self, raw: np.ndarray) -> tuple[float, float]:
-        """The tiling percentiles of the given raw tiles: the fallback normalisation range."""
+    def intensity_range(
+        self, raw: np.ndarray, norm_lo: float | None = None, norm_hi: float | None = None
+    ) -> tuple[float, float]:
+        """The normalisation range of the given raw tiles: ``norm_lo`` / ``norm_hi`` when
+        given (both, finite, hi > lo), else the tiling percentiles of the tiles themselves."""
+        if (norm_lo is None) != (norm_hi is None):
+            raise RequestError("give both norm_lo and norm_hi, or neither")
+        if norm_lo is not None:
+            lo, hi = norm_lo, norm_hi
+            if not (np.isfinite([lo, hi]).all() and hi > lo):
+                raise RequestError(f"norm_lo={lo}, norm_hi={hi}: need finite values with hi > lo")
+            return float(lo), float(hi)
         lo, hi = np.percentile(raw, self.tiling["percentiles"])
         if not hi > lo:
             raise RequestError(f"constant tiles (value {lo}): give norm_lo and norm_hi")
         return float(lo), float(hi)
 
     def check(self, tiles: Any) -> np.ndarray:
-        """Tiles as a float32 array (n, *tile_shape); RequestError naming the problem."""
+        """Tiles of any integer or float dtype as a float32 array (n, *tile_shape) (exact for
+        uint8 and uint16 values); RequestError naming the problem."""
         raw = np.asarray(tiles)
         given, want = raw.shape, self.tile_shape
         if raw.ndim == len(want):
             raw = raw[None]
         if raw.dtype.kind not in "uif":
-            raise RequestError(f"tiles must be numbers (uint8, uint16 or float32), got {raw.dtype}")
+            raise RequestError(
+                f"tiles must be numbers (raw scan values, integer or float), got {raw.dtype}"
+            )
         if raw.ndim == len(want) + 1 and len(raw) == 0:
             raise RequestError(f"tiles: the request holds no tiles (shape {raw.shape})")
         if raw.ndim != len(want) + 1 or raw.shape[1:] != want:
@@ -123,14 +182,13 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
     def failed_probability(
         self, tiles: Any, norm_lo: float | None = None, norm_hi: float | None = None
     ) -> np.ndarray:
-        """Failed-class probability of each raw tile (float64, shape (n,))."""
+        """Failed-class probability of each raw tile (float64, shape (n,)).
+
+        ``norm_lo`` / ``norm_hi`` are taken as given (``predict_scan`` fits them on the scan
+        itself); :meth:`classify` also checks that they are in the tiles' units."""
         raw = self.check(tiles)
-        if (norm_lo is None) != (norm_hi is None):
-            raise RequestError("give both norm_lo and norm_hi, or neither")
-        lo, hi = (norm_lo, norm_hi) if norm_lo is not None else self.intensity_range(raw)
-        if not (np.isfinite([lo, hi]).all() and hi > lo):
-            raise RequestError(f"norm_lo={lo}, norm_hi={hi}: need finite values with hi > lo")
-        x = normalize(raw, float(lo), float(hi))
+        lo, hi = self.intensity_range(raw, norm_lo, norm_hi)
+        x = normalize(raw, lo, hi)
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), BATCH):
@@ -141,8 +199,35 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
     def classify(
         self, tiles: Any, norm_lo: float | None = None, norm_hi: float | None = None
     ) -> pd.DataFrame:
-        """One row per tile: ``prob_failed``, ``label`` (1 = failed), ``class``."""
-        prob = self.failed_probability(tiles, norm_lo, norm_hi)
+        """One row per tile: ``prob_failed``, ``label`` (1 = failed), ``class``.
+
+        With ``norm_lo`` / ``norm_hi``, tiles in other units are refused rather than misread:
+        the request's robust range (its tiling percentiles) must span between 1 % and 100
+        times ``norm_hi - norm_lo`` and reach within that width of the range (e.g. tiles
+        rescaled to [0, 1] sent with the scan's raw range are refused; the same tiles without
+        ``norm_lo`` / ``norm_hi`` get the answer of their raw values).
+        """
+        raw = self.check(tiles)
+        lo, hi = self.intensity_range(raw, norm_lo, norm_hi)
+        if norm_lo is not None:
+            p_lo, p_hi = self.tiling["percentiles"]
+            t_lo, t_hi = (float(v) for v in np.percentile(raw, [p_lo, p_hi]))
+            width, spread, why = hi - lo, t_hi - t_lo, ""
+            if spread < 0.01 * width:
+                why = "vary over less than 1% of that width (tiles rescaled, e.g. to [0, 1]?)"
+            elif spread > 100 * width:
+                why = "vary over more than 100 times that width (a range of rescaled tiles?)"
+            elif t_hi < lo - width or t_lo > hi + width:
+                why = "lie more than that width outside it (another scan's range?)"
+            if why:
+                raise RequestError(
+                    f"tiles span {t_lo:.6g} .. {t_hi:.6g} (their {p_lo:g}-{p_hi:g} "
+                    f"percentiles) but norm_lo .. norm_hi is {lo:.6g} .. {hi:.6g} (width "
+                    f"{width:.6g}): the tiles {why}, so tiles and range are not in the same "
+                    "units; send the raw scan values with the scan's norm_lo/norm_hi, or leave "
+                    "norm_lo/norm_hi out to normalise by the tiles' own range"
+                )
+        prob = self.failed_probability(raw, lo, hi)
         label = (prob > self.threshold).astype(np.int64)
         return pd.DataFrame(
             {"prob_failed": prob, "label": label, "class": np.asarray(CLASSES)[label]}

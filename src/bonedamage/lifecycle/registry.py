@@ -35,13 +35,15 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from bonedamage.atomic import write_text_atomic
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.tiling import TileSettings
+from bonedamage.learn import domain
 from bonedamage.learn.data import split_rows
 from bonedamage.learn.evaluate import THRESHOLD
+from bonedamage.learn.models import build_module
 from bonedamage.lifecycle.pyfunc import MODEL_CODE
 from bonedamage.lifecycle.tracking import process_tags, version_tags
 
@@ -148,10 +150,65 @@ def tiling_info(
     }
 
 
+def fit_domain(
+    cand: Candidate,
+    store: TileStore,
+    table: pd.DataFrame,
+    tiling: dict[str, Any],
+    cfg: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A candidate's applicability domain (see :mod:`bonedamage.learn.domain`): fitted on
+    its training tiles, its threshold calibrated on the validation tiles, with the
+    acquisition it may answer for (tissue, working voxel, coarsest voxel ratio) and the
+    share of out-of-domain tiles above which a scan's verdict is *uncertain*."""
+    tissue = tiling["tissue"]
+    module = build_module(cand.meta, cand.weights)
+    train_pos, train_labels = split_rows(store, table, tissue, "grouped", "train")
+    val_pos, _ = split_rows(store, table, tissue, "grouped", "val")
+    train, val = store.tiles(train_pos), store.tiles(val_pos)
+    val_features, val_intensity = (
+        domain.penultimate_features(module, val),
+        domain.intensity_stats(val),
+    )
+    summary, arrays = domain.fit(
+        domain.penultimate_features(module, train),
+        train_labels,
+        domain.intensity_stats(train),
+        val_features,
+        val_intensity,
+        float(cfg["accept"]),
+    )
+    _, inside = domain.in_domain(summary, arrays, val_features, val_intensity)
+    outside = pd.Series(~inside).groupby(store.index["scan_id"].to_numpy()[val_pos]).mean()
+    summary.update(
+        tissue=tissue,
+        working_voxel_um=tiling["working_voxel_um"],
+        max_voxel_ratio=float(cfg["max_voxel_ratio"]),
+        max_out_of_domain_share=float(cfg["max_out_of_domain_share"]),
+        max_output_ratio=float(cfg["max_output_ratio"]),
+        val_scan_out_of_domain_share_max=round(float(outside.max()), 6),
+    )
+    return summary, arrays
+
+
+def domain_md5(summary: dict[str, Any]) -> str:
+    """Fingerprint of a domain summary (versions with another domain are not reused)."""
+    return hashlib.md5(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+
+
 def signature(tile_shape: tuple[int, ...], dtype: np.dtype) -> ModelSignature:
-    """Raw tiles of ``tile_shape`` in, in the training scans' dtype; one row per tile out."""
+    """The served model's signature: params ``norm_lo`` / ``norm_hi`` and one row per tile
+    out, and no input schema, whatever the training tiles' shape and dtype.
+
+    MLflow casts a JSON request to a declared tensor dtype with ``np.array(data, dtype)``:
+    a uint16 spec would truncate float tiles (e.g. rescaled to [0, 1]) to 0 and 1 without a
+    word, and a float spec would refuse raw uint16 arrays (and input examples). Undeclared,
+    a request reaches the model as sent (JSON numbers as int64 or float64), and
+    ``TileClassifier.check`` checks the tile shape (``tile_shape``, also in the ``tiling``
+    artifact and the input example) and converts any integer or float ``dtype`` to float32.
+    """
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(dtype), (-1, *tile_shape))]),
+        inputs=None,
         outputs=Schema(
             [
                 ColSpec(DataType.double, "prob_failed"),
@@ -169,26 +226,33 @@ def _requirements() -> list[str]:
     return [f"{n}=={importlib.metadata.version(n)}" for n in names]
 
 
-def _version_with(client: MlflowClient, name: str, md5: str, test_set: str) -> Any:
-    """An existing version of ``name`` with these weights and test set, else None."""
+def _version_with(client: MlflowClient, name: str, md5: str, test_set: str, dom: str) -> Any:
+    """An existing version of ``name`` with these weights, test set and domain, else None."""
     found = client.search_model_versions(
-        f"name = '{name}' and tags.`model.md5` = '{md5}' and tags.test_set = '{test_set}'"
+        f"name = '{name}' and tags.`model.md5` = '{md5}' and tags.test_set = '{test_set}' "
+        f"and tags.`domain.md5` = '{dom}'"
     )
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def _log_model(cand: Candidate, tiling: dict[str, Any], example: tuple, tags: dict) -> str:
-    """Log the pyfunc (code + weights + sidecars) in a run of its own; return its URI."""
+def _log_model(
+    cand: Candidate, tiling: dict[str, Any], example: tuple, tags: dict, extra: Registration
+) -> str:
+    """Log the pyfunc (code + weights + sidecars + domain) in a run of its own; return its URI."""
     with tempfile.TemporaryDirectory() as tmp:
         meta, tile = Path(tmp) / "meta.json", Path(tmp) / "tiling.json"
-        meta.write_text(json.dumps(cand.meta, indent=2, sort_keys=True))
+        dom, dom_arrays = Path(tmp) / "domain.json", Path(tmp) / "domain.npz"
+        cam = {"cam_layer": extra.cam_layers.get(cand.architecture)}
+        meta.write_text(json.dumps({**cand.meta, **cam}, indent=2, sort_keys=True))
         tile.write_text(json.dumps(tiling, indent=2, sort_keys=True))
+        domain.save(*extra.domains[cand.name], dom, dom_arrays)
+        files = {"meta": meta, "tiling": tile, "domain": dom, "domain_arrays": dom_arrays}
         run_tags = {**tags, **process_tags(), "stage": "register"}
         with mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
-                artifacts={"weights": str(cand.weights), "meta": str(meta), "tiling": str(tile)},
+                artifacts={"weights": str(cand.weights), **{k: str(v) for k, v in files.items()}},
                 code_paths=[str(Path(__file__).parents[1])],
                 signature=signature(example[0].shape[1:], example[0].dtype),
                 input_example=example,
@@ -223,12 +287,22 @@ def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dic
     return tags
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What a registered version carries beyond its weights: each candidate's domain
+    (summary, arrays) by name, and the Grad-CAM layer of each architecture."""
+
+    domains: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]
+    cam_layers: dict[str, str | None]
+
+
 def register_tissue(
     client: MlflowClient,
     cands: list[Candidate],
     tiling: dict[str, Any],
     test_set: str,
     example: tuple,
+    extra: Registration,
     repo: Path = Path(),
 ) -> list[dict[str, Any]]:
     """Register (or find) every candidate and point its ``challenger`` alias at it."""
@@ -236,12 +310,13 @@ def register_tissue(
     out = []
     for cand in cands:
         md5 = file_md5(cand.weights)
-        version = _version_with(client, cand.name, md5, test_set)
+        dom = domain_md5(extra.domains[cand.name][0])
+        version = _version_with(client, cand.name, md5, test_set, dom)
         created = version is None
         if created:
-            tags = version_tags_of(cand, md5, test_set, repo)
+            tags = {**version_tags_of(cand, md5, test_set, repo), "domain.md5": dom}
             if md5 not in logged:
-                logged[md5] = _log_model(cand, tiling, example, tags)
+                logged[md5] = _log_model(cand, tiling, example, tags, extra)
             _ensure_model(client, cand.name)
             # register_model (not create_model_version): it links the logged model's id,
             # which a tracking server requires for a models:/m-<id> source
@@ -261,7 +336,10 @@ def _ensure_model(client: MlflowClient, name: str) -> None:
 
 
 def registry_record(
-    cands: list[Candidate], tiling: dict[str, Any], test_set: str
+    cands: list[Candidate],
+    tiling: dict[str, Any],
+    test_set: str,
+    domains: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]],
 ) -> dict[str, Any]:
     """The deterministic part of a registration (what DVC versions; no version numbers)."""
     return {
@@ -275,6 +353,7 @@ def registry_record(
                 "weights_md5": file_md5(c.weights),
                 "val_balanced_accuracy": round(c.val_score, 6),
                 "test": {k: c.metrics.get(k) for k in METRICS},
+                "domain": domains[c.name][0],
             }
             for c in cands
         },
@@ -521,10 +600,17 @@ def run_register(
     first = int(split_rows(store, table, tissue, "grouped", "test")[0][0])
     lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[first]
     example = (store.raw(first)[None], {"norm_lo": float(lo), "norm_hi": float(hi)})
-    done = register_tissue(MlflowClient(), cands, tiling, test_set, example)
-    write_text_atomic(
-        out, json.dumps(registry_record(cands, tiling, test_set), indent=2, sort_keys=True) + "\n"
-    )
+    fitted: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+    for cand in cands:  # the tissue model is one of the other two: fit each weights file once
+        same = next(
+            (fitted[c.name] for c in cands if c.name in fitted and c.weights == cand.weights), None
+        )
+        fitted[cand.name] = same or fit_domain(cand, store, table, tiling, params["domain"])
+    layers = params.get("explain", {}).get("layer") or {}
+    extra = Registration(fitted, {arch: layers.get(arch) for arch in ("cnn", "resnet")})
+    done = register_tissue(MlflowClient(), cands, tiling, test_set, example, extra)
+    record = registry_record(cands, tiling, test_set, fitted)
+    write_text_atomic(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return done
 
 

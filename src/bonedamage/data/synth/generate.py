@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from bonedamage.atomic import atomic_dir, write_text_atomic
+from bonedamage.atomic import atomic_dir, check_output_dir, write_text_atomic
 from bonedamage.data.manifest import (
     COLUMNS,
     TISSUES,
+    ManifestError,
     format_shape,
     read_manifest,
     write_manifest,
@@ -56,25 +58,26 @@ def generate_dataset(
     workers: int | None = None,
     progress: bool = True,
     force: bool = False,
+    inputs: Iterable[Path] = (),
 ) -> pd.DataFrame:
     """Generate every specimen of ``cfg`` (the ``synth`` params) into ``out_root``.
 
     ``out_root`` is replaced as a whole, atomically. It refuses to replace a data root
-    holding ingested (real) scans unless ``force``.
+    holding ingested (real) scans or anything else synth did not write unless ``force``
+    (:func:`~bonedamage.atomic.atomic_dir`), and one that is, lies inside or contains one
+    of ``inputs`` (the params file) always.
     """
     _check_config(cfg)
-    existing = read_manifest(out_root, missing_ok=True) if out_root.exists() else None
-    if existing is not None and (existing["source"] != "synth").any() and not force:
-        kept = existing.loc[existing["source"] != "synth", "scan_id"].tolist()
+    check_output_dir(out_root, owner="synth", inputs=inputs, force=True)  # inputs: always
+    kept = [] if force else _ingested(out_root)  # the clearer refusal of the most common case
+    if kept:
         raise SynthError(
             f"{out_root}: holds ingested scans {kept[:3]}; synth replaces the whole folder. "
             "Use another --out, or --force to discard them."
         )
-    if out_root.exists() and not out_root.is_dir():
-        raise SynthError(f"{out_root}: exists and is not a folder")
     jobs = [(tissue, index) for tissue in TISSUES for index in range(cfg["specimens_per_tissue"])]
     workers = workers or int(cfg.get("workers", 1))
-    with atomic_dir(out_root) as staging:
+    with atomic_dir(out_root, owner="synth", inputs=inputs, force=force) as staging:
         results = _run(jobs, cfg, staging, workers, progress)
         rows = [row for result in results for row in result["rows"]]
         manifest = pd.DataFrame(rows, columns=list(COLUMNS))
@@ -85,6 +88,17 @@ def generate_dataset(
             json.dumps(phantoms, indent=1, sort_keys=True, default=_json_default) + "\n",
         )
     return read_manifest(out_root)
+
+
+def _ingested(out_root: Path) -> list[str]:
+    """Scan ids of the ingested (real) scans in the manifest of ``out_root``, if it has one."""
+    if not out_root.is_dir():
+        return []
+    try:
+        existing = read_manifest(out_root, missing_ok=True)
+    except ManifestError:  # unreadable: the output guard refuses the folder without --force
+        return []
+    return existing.loc[existing["source"] != "synth", "scan_id"].tolist()
 
 
 def _run(
