@@ -160,6 +160,28 @@ def test_a_command_replaces_its_own_folder_and_a_new_or_empty_one(tmp_path: Path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_files_put_into_the_folder_while_the_command_runs_are_not_deleted(tmp_path) -> None:
+    out = tmp_path / "pred"
+    write_folder(out, "predict", {"verdict.json": "1"})
+    refused = pytest.raises(OutputError, match=r"did not write: notes\.txt")
+    with refused, atomic_dir(out, owner="predict") as staging:
+        (staging / "verdict.json").write_text("2")
+        (out / "notes.txt").write_text("written meanwhile")  # a user, mid-run
+    assert (out / "notes.txt").read_text() == "written meanwhile"
+    assert (out / "verdict.json").read_text() == "1"  # the last run's output, as it was
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_the_swap_never_touches_a_users_hidden_old_folder(tmp_path: Path) -> None:
+    out = tmp_path / "tiles"
+    write_folder(out, "tile", {"index.parquet": "1"})
+    (tmp_path / ".tiles.old").mkdir()  # a name a user (or another tool) may use
+    (tmp_path / ".tiles.old" / "keep.txt").write_text("mine")
+    write_folder(out, "tile", {"index.parquet": "2"})
+    assert (tmp_path / ".tiles.old" / "keep.txt").read_text() == "mine"
+    assert (out / "index.parquet").read_text() == "2"
+
+
 @pytest.mark.parametrize(
     ("case", "fragment"),
     [

@@ -310,6 +310,23 @@ def test_predict_batch_size_must_be_a_positive_integer(value: str, tmp_path: Pat
 
 
 # -- outputs: nothing a command did not write is deleted; modes follow the umask -----------
+def test_a_file_output_is_never_the_tile_store_or_splits_a_command_reads(
+    tmp_path: Path, cli_params: Path, capsys
+) -> None:
+    tiles, splits = tmp_path / "tiles", tmp_path / "splits.parquet"
+    tiles.mkdir()
+    pd.DataFrame({"tile_id": ["a"]}).to_parquet(tiles / "index.parquet")
+    pd.DataFrame({"tile_id": ["a"]}).to_parquet(splits)
+    before = splits.read_bytes()
+    argv = ["search", "--tissue", "cortical", "--tiles", str(tiles), "--splits", str(splits),
+            "--params", str(cli_params), "--out"]  # fmt: skip
+    assert main([*argv, str(splits)]) == 2
+    assert f"{splits}: output file is the input {splits}" in capsys.readouterr().err
+    assert main([*argv, str(tiles / "index.parquet")]) == 2
+    assert "output file lies inside the input" in capsys.readouterr().err
+    assert splits.read_bytes() == before
+
+
 def test_every_command_that_writes_a_folder_has_force() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for command in ("synth", "tile", "validate", "explain", "predict", "gate"):

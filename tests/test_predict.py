@@ -375,7 +375,9 @@ def test_outputs_far_larger_than_the_scan_are_refused_before_any_work(setup, tmp
     assert not (tmp_path / "o").exists()
 
 
-def test_predict_runs_from_any_folder_with_only_the_model(params, tmp_path, monkeypatch) -> None:
+def test_predict_runs_from_any_folder_with_only_the_model(
+    params, tmp_path, monkeypatch, capsys
+) -> None:
     from conftest import save_tiny_pyfunc
 
     model = save_tiny_pyfunc(tmp_path / "m", params, domain=True)
@@ -389,5 +391,12 @@ def test_predict_runs_from_any_folder_with_only_the_model(params, tmp_path, monk
     )
     verdict = json.loads((elsewhere / "pred" / "verdict.json").read_text())
     assert verdict["verdict"] in ("failed", "pristine") and verdict["in_domain"] is True
+    capsys.readouterr()
+    argv = ["predict", str(scan), "--model", str(model), "--out", "coarse", "--no-progress",
+            "--no-cam", "--voxel-size-um", "50", "--allow-resample"]  # fmt: skip
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert ": uncertain (" in said and "outside the model's domain: " in said
+    assert "50 um is 2.5x coarser than the model's working voxel 20 um" in said
     assert main(["predict", str(scan), "--model", str(model), "--out", "p2", "--params",
                  "missing.yaml"]) == 2  # fmt: skip

@@ -161,7 +161,8 @@ def test_every_registered_version_carries_its_applicability_domain(env) -> None:
         assert model.domain_arrays["precision"].shape == (d, d)
         assert model.domain_arrays["means"].shape == (2, d)  # one mean per class
         version = client.get_model_version_by_alias(name, registry.CHALLENGER)
-        assert version.tags["domain.md5"] == registry.domain_md5(summary)
+        layers = env["params"]["explain"]["layer"]  # a changed CAM layer: a new version
+        assert version.tags["domain.md5"] == registry.domain_md5({**summary, "cam": layers})
         kind = model.meta["kind"]
         assert model.meta["cam_layer"] == env["params"]["explain"]["layer"][kind]
 

@@ -240,7 +240,8 @@ def atomic_dir(
     ``owner`` is the command that writes the folder: it may replace an existing ``target``
     only when that is empty or its own earlier output (the marker says so), or ``force``.
     ``target`` may never be, lie inside or contain one of ``inputs``. Checked before
-    anything is written; the marker is written into the new folder before the swap.
+    anything is written and again just before the swap (files put into ``target`` while
+    the command ran are not deleted); the marker is written into the new folder first.
     """
     check_output_dir(target, owner=owner, inputs=inputs, force=force)
     target = _absolute(target)
@@ -251,9 +252,10 @@ def atomic_dir(
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private
         yield tmp
         write_marker(tmp, owner)
+        # again: someone may have put files into the folder while the command ran
+        check_output_dir(target, owner=owner, inputs=inputs, force=force)
         if target.exists() or target.is_symlink():
-            old = target.with_name(f".{target.name}.old")
-            _remove(old)
+            old = target.with_name(_prefix(target) + "old.tmp")  # a name only this writer uses
             os.replace(target, old)
             os.replace(tmp, target)
             _remove(old)

@@ -62,10 +62,12 @@ def _data_root(args: argparse.Namespace, params: dict) -> Path:
 
 
 def _file_out(args: argparse.Namespace, out: str | Path, *inputs: Path | str | None) -> Path:
-    """``out``, checked: not a folder, an input or inside an input folder (OutputError)."""
+    """``out``, checked: not a folder, an input or inside an input folder (OutputError);
+    the params file, tile store and splits table a command reads are always inputs."""
     from bonedamage.atomic import check_output_file
 
-    check_output_file(out, inputs=(args.params, *inputs))
+    tables = (getattr(args, "tiles", None), getattr(args, "splits", None))
+    check_output_file(out, inputs=(args.params, *tables, *inputs))
     return Path(out)
 
 
@@ -486,6 +488,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{verdict['mean_prob_failed']:.3f} over {verdict['n_tiles']} tiles; "
         f"{verdict['rule']}) -> {args.out}"
     )
+    for reason in verdict["domain_reasons"]:  # why the verdict is uncertain
+        print(f"  outside the model's domain: {reason}")
     return 0
 
 

@@ -156,6 +156,11 @@ def fit(
     distance = np.where(inside, score(arrays, val_features), np.inf)
     k = max(1, math.ceil(accept * len(distance)))
     ranked = np.sort(distance)
+    if not np.isfinite(ranked[0]):
+        raise ValueError(
+            "no validation tile lies inside the training tiles' intensity range: the "
+            "validation split does not look like the training split"
+        )
     threshold = ranked[k - 1] if np.isfinite(ranked[k - 1]) else ranked[np.isfinite(ranked)].max()
     summary["threshold"] = math.ceil(float(threshold) * 1e6) / 1e6  # rounded up: kept tiles stay
     summary["val_accepted"] = round(float(np.mean(distance <= summary["threshold"])), 6)

@@ -58,6 +58,7 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 ARTIFACTS = ("weights", "meta", "tiling", "domain", "domain_arrays")
 CLASSES = ("pristine", "failed")
 BATCH = 256
+RESCALED_MAX = 1.5  # tiles whose values all lie within +-this look rescaled, not raw
 
 
 class RequestError(MlflowException, ValueError):
@@ -202,10 +203,11 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         """One row per tile: ``prob_failed``, ``label`` (1 = failed), ``class``.
 
         With ``norm_lo`` / ``norm_hi``, tiles in other units are refused rather than misread:
-        the request's robust range (its tiling percentiles) must span between 1 % and 100
-        times ``norm_hi - norm_lo`` and reach within that width of the range (e.g. tiles
-        rescaled to [0, 1] sent with the scan's raw range are refused; the same tiles without
-        ``norm_lo`` / ``norm_hi`` get the answer of their raw values).
+        the request's robust range (its tiling percentiles) must not span under 1 % of
+        ``norm_hi - norm_lo`` with values within +-1.5 (tiles rescaled to [0, 1] or [-1, 1]
+        sent with the scan's raw range), nor over 100 times that width, and must reach
+        within that width of the range (the same rescaled tiles without ``norm_lo`` /
+        ``norm_hi`` get the answer of their raw values).
         """
         raw = self.check(tiles)
         lo, hi = self.intensity_range(raw, norm_lo, norm_hi)
@@ -213,7 +215,8 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
             p_lo, p_hi = self.tiling["percentiles"]
             t_lo, t_hi = (float(v) for v in np.percentile(raw, [p_lo, p_hi]))
             width, spread, why = hi - lo, t_hi - t_lo, ""
-            if spread < 0.01 * width:
+            rescaled = max(abs(t_lo), abs(t_hi)) <= RESCALED_MAX  # values like [0, 1]
+            if spread < 0.01 * width and rescaled:  # (flat raw tiles vary little too)
                 why = "vary over less than 1% of that width (tiles rescaled, e.g. to [0, 1]?)"
             elif spread > 100 * width:
                 why = "vary over more than 100 times that width (a range of rescaled tiles?)"

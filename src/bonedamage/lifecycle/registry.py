@@ -170,14 +170,17 @@ def fit_domain(
         domain.penultimate_features(module, val),
         domain.intensity_stats(val),
     )
-    summary, arrays = domain.fit(
-        domain.penultimate_features(module, train),
-        train_labels,
-        domain.intensity_stats(train),
-        val_features,
-        val_intensity,
-        float(cfg["accept"]),
-    )
+    try:
+        summary, arrays = domain.fit(
+            domain.penultimate_features(module, train),
+            train_labels,
+            domain.intensity_stats(train),
+            val_features,
+            val_intensity,
+            float(cfg["accept"]),
+        )
+    except ValueError as exc:
+        raise PromotionError(f"{cand.name}: no applicability domain: {exc}") from exc
     _, inside = domain.in_domain(summary, arrays, val_features, val_intensity)
     outside = pd.Series(~inside).groupby(store.index["scan_id"].to_numpy()[val_pos]).mean()
     summary.update(
@@ -310,7 +313,8 @@ def register_tissue(
     out = []
     for cand in cands:
         md5 = file_md5(cand.weights)
-        dom = domain_md5(extra.domains[cand.name][0])
+        # the domain and the Grad-CAM layer travel with a version: either changed, a new one
+        dom = domain_md5({**extra.domains[cand.name][0], "cam": extra.cam_layers})
         version = _version_with(client, cand.name, md5, test_set, dom)
         created = version is None
         if created:
@@ -606,8 +610,9 @@ def run_register(
             (fitted[c.name] for c in cands if c.name in fitted and c.weights == cand.weights), None
         )
         fitted[cand.name] = same or fit_domain(cand, store, table, tiling, params["domain"])
-    layers = params.get("explain", {}).get("layer") or {}
-    extra = Registration(fitted, {arch: layers.get(arch) for arch in ("cnn", "resnet")})
+    layers = params.get("explain", {}).get("layer")  # one name, or one per architecture
+    cam = {a: layers.get(a) if isinstance(layers, dict) else layers for a in ("cnn", "resnet")}
+    extra = Registration(fitted, cam)
     done = register_tissue(MlflowClient(), cands, tiling, test_set, example, extra)
     record = registry_record(cands, tiling, test_set, fitted)
     write_text_atomic(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
