@@ -68,7 +68,8 @@ def test_signature_declares_the_params_and_output_but_no_input_dtype(served) -> 
     meta = served.metadata
     assert meta.get_input_schema() is None
     assert [p.name for p in meta.get_params_schema().params] == ["norm_lo", "norm_hi"]
-    assert meta.get_output_schema().input_names() == ["prob_failed", "label", "class"]
+    names = ["prob_failed", "label", "class", "domain_distance", "in_domain"]
+    assert meta.get_output_schema().input_names() == names
 
 
 def test_float_tiles_get_the_answer_of_their_raw_values(served) -> None:

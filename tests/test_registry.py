@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from bonedamage.cli import main
 from bonedamage.data.tilestore import TileStore
+from bonedamage.learn import domain
 from bonedamage.learn.data import split_rows
 from bonedamage.lifecycle import registry, tracking
 from bonedamage.lifecycle.pyfunc import load_classifier
@@ -209,6 +210,13 @@ def test_champion_predicts_raw_tiles_with_the_training_normalisation(env) -> Non
     pyfunc = mlflow.pyfunc.load_model(f"models:/t-{TISSUE}-cnn@champion")
     served = pyfunc.predict(raw, params={"norm_lo": lo, "norm_hi": hi})  # uint16, as scanned
     np.testing.assert_allclose(served["prob_failed"], expected, rtol=1e-6)
+    # and says, tile by tile, whether the answer is inside the model's domain
+    features = domain.penultimate_features(model.module, store.tiles(same))
+    intensity = domain.intensity_stats(store.tiles(same))
+    distance, inside = domain.in_domain(model.domain, model.domain_arrays, features, intensity)
+    np.testing.assert_allclose(served["domain_distance"], distance, rtol=1e-5)
+    np.testing.assert_array_equal(served["in_domain"], inside.astype(int))
+    assert served["in_domain"].mean() > 0.5  # test tiles of the training tissue
 
 
 def test_bad_requests_name_the_problem(env) -> None:

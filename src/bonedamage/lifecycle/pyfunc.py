@@ -200,7 +200,9 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
     def classify(
         self, tiles: Any, norm_lo: float | None = None, norm_hi: float | None = None
     ) -> pd.DataFrame:
-        """One row per tile: ``prob_failed``, ``label`` (1 = failed), ``class``.
+        """One row per tile: ``prob_failed``, ``label`` (1 = failed), ``class``, and for a
+        model with an applicability domain ``domain_distance`` and ``in_domain`` (1: the
+        tile looks like the training tiles; 0: do not trust its answer).
 
         With ``norm_lo`` / ``norm_hi``, tiles in other units are refused rather than misread:
         the request's robust range (its tiling percentiles) must not span under 1 % of
@@ -230,11 +232,12 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
                     "units; send the raw scan values with the scan's norm_lo/norm_hi, or leave "
                     "norm_lo/norm_hi out to normalise by the tiles' own range"
                 )
-        prob = self.failed_probability(raw, lo, hi)
+        prob, distance, inside = self.assess(raw, lo, hi)
         label = (prob > self.threshold).astype(np.int64)
-        return pd.DataFrame(
-            {"prob_failed": prob, "label": label, "class": np.asarray(CLASSES)[label]}
-        )
+        out = {"prob_failed": prob, "label": label, "class": np.asarray(CLASSES)[label]}
+        if distance is not None and inside is not None:  # a model with a domain
+            out.update(domain_distance=distance, in_domain=inside.astype(np.int64))
+        return pd.DataFrame(out)
 
     def predict(
         self,

@@ -217,6 +217,8 @@ def signature(tile_shape: tuple[int, ...], dtype: np.dtype) -> ModelSignature:
                 ColSpec(DataType.double, "prob_failed"),
                 ColSpec(DataType.long, "label"),
                 ColSpec(DataType.string, "class"),
+                ColSpec(DataType.double, "domain_distance", required=False),
+                ColSpec(DataType.long, "in_domain", required=False),
             ]
         ),
         params=ParamSchema([ParamSpec(k, DataType.double, None) for k in ("norm_lo", "norm_hi")]),
