@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bonedamage.atomic import MARKER
 from bonedamage.data.describe import describe, write_metrics
 
 
@@ -22,6 +23,10 @@ def test_metrics_cover_every_tissue_and_state(small_dataset: Path, cfg: dict) ->
     metrics = describe(small_dataset, cfg, TILE_UM, progress=False)
     assert metrics["dataset"]["scans"] == 6 and metrics["dataset"]["specimens"] == 2
     assert metrics["dataset"]["bytes"] > 6 * 32 * 64 * 64 * 2
+    # the bytes DVC versions: the output marker (in .dvcignore) is not counted
+    versioned = [p for p in small_dataset.rglob("*") if p.is_file() and p.name != MARKER]
+    assert (small_dataset / MARKER).is_file()
+    assert metrics["dataset"]["bytes"] == sum(p.stat().st_size for p in versioned)
     for tissue in ("cortical", "trabecular"):
         assert set(metrics[tissue]) == {"pristine", "intermediate", "failed"}
         failed = metrics[tissue]["failed"]

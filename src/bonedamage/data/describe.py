@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from bonedamage.atomic import write_text_atomic
+from bonedamage.atomic import MARKER, write_text_atomic
 from bonedamage.data import morphometry
 from bonedamage.data.manifest import confined, read_manifest
 from bonedamage.data.tiling import tile_px, tiles_in_fov
@@ -99,7 +99,14 @@ def summarise(per_scan: pd.DataFrame, manifest: pd.DataFrame, data_root: Path) -
         "dataset": {
             "scans": len(manifest),
             "specimens": int(manifest["specimen_id"].nunique()),
-            "bytes": int(sum(p.stat().st_size for p in data_root.rglob("*") if p.is_file())),
+            # what DVC versions: the output marker is in .dvcignore
+            "bytes": int(
+                sum(
+                    p.stat().st_size
+                    for p in data_root.rglob("*")
+                    if p.is_file() and p.name != MARKER
+                )
+            ),
         }
     }
     numeric = [c for c in per_scan.columns if c not in ("scan_id", "tissue", "state")]
