@@ -29,10 +29,10 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from bonedamage.config import load_params
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn import search
-from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
-from bonedamage.learn.final import fit_on_split, train_resnet
+from bonedamage.learn import study as search
+from bonedamage.learn.datasets import Augment, TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
+from bonedamage.learn.recipes import fit_on_split, train_resnet
 from bonedamage.learn.train import TrainConfig, predict, seed_everything
 
 
@@ -67,8 +67,8 @@ def run_search(
     cfg = {**copy.deepcopy(params["search"]), "storage": str(tmp / f"{tissue}-{name}.journal")}
     train_cfg = {**params["train"], **device_settings(name, params["train"])}
     t0 = time.perf_counter()
-    study = search.run_search(store, splits, tissue, cfg, train_cfg, params["augment"])
-    s = search.summary(study)
+    study = search.optimize(store, splits, tissue, cfg, train_cfg, params["augment"])
+    s = search.study_summary(study)
     seconds = time.perf_counter() - t0
     print(
         f"  search {name:10s} {seconds:7.1f} s  epochs {s['epochs_spent']:3d}  "

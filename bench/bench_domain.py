@@ -31,7 +31,7 @@ from scipy import ndimage
 from bonedamage.data.manifest import read_manifest
 from bonedamage.data.tiling import TilingError
 from bonedamage.data.volume import open_volume, write_volume
-from bonedamage.explain.predict import PredictError, load_model, predict_scan
+from bonedamage.explain.scan import PredictError, load_registered, predict_scan
 from bonedamage.lifecycle.tracking import configure
 
 TISSUES = ("cortical", "trabecular")
@@ -102,7 +102,7 @@ def main() -> None:
         tmp = Path(tmpdir)
         for tissue in TISSUES:
             uri = f"models:/bonedamage-{tissue}@champion"
-            model = load_model(uri)
+            model = load_registered(uri)
             cases = [("held-out, same tissue", r) for r in picks[tissue].itertuples()]
             other = next(t for t in TISSUES if t != tissue)
             cases += [("other tissue", r) for r in picks[other].itertuples()]

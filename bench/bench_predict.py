@@ -33,7 +33,7 @@ import torch
 
 from bonedamage.data.tilestore import with_channels
 from bonedamage.data.volume import open_volume, write_volume
-from bonedamage.explain.predict import load_model, predict_scan
+from bonedamage.explain.scan import load_registered, predict_scan
 from bonedamage.learn.train import seed_everything
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
     seed_everything(0, args.threads)
-    model = load_model(args.model)
+    model = load_registered(args.model)
     print(f"model            {args.model}")
     measure(model, Path(args.scan), args.voxel_size_um, args)
     if args.stack > 1:

@@ -27,8 +27,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from bonedamage.config import load_params
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn.data import TileDataset, make_loader, split_rows
-from bonedamage.learn.final import train_cnn
+from bonedamage.learn.datasets import TileDataset, make_loader, split_rows
+from bonedamage.learn.recipes import train_cnn
 from bonedamage.learn.train import predict, resolve_device
 
 

@@ -85,7 +85,7 @@ def register_stand_in(tissue: str, params: dict[str, Any], store: Path) -> tuple
     from mlflow.tracking import MlflowClient
 
     from bonedamage.data.tiling import TileSettings
-    from bonedamage.learn.final import save_model
+    from bonedamage.learn.checkpoint import save_checkpoint
     from bonedamage.learn.models import build_module
     from bonedamage.lifecycle.pyfunc import MODEL_CODE
     from bonedamage.lifecycle.registry import signature, tiling_info
@@ -103,7 +103,7 @@ def register_stand_in(tissue: str, params: dict[str, Any], store: Path) -> tuple
         "tissue": tissue,
     }
     torch.manual_seed(0)
-    save_model(store / "cnn.pt", build_module(meta), meta)
+    save_checkpoint(store / "cnn.pt", build_module(meta), meta)
     (store / "tiling.json").write_text(
         json.dumps(tiling_info(params["tile"], tissue, s.tile_px, s.channels), indent=2)
     )
@@ -153,7 +153,7 @@ def request_tiles(
     import pandas as pd
 
     from bonedamage.data.tilestore import TileStore
-    from bonedamage.learn.data import split_rows
+    from bonedamage.learn.datasets import split_rows
 
     store = TileStore(tiles)
     positions, _ = split_rows(store, pd.read_parquet(splits), tissue, "grouped", "test")

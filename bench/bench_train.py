@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bonedamage.config import load_params
 from bonedamage.data.tilestore import TileStore, with_channels
-from bonedamage.learn import search
-from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
+from bonedamage.learn import study as search
+from bonedamage.learn.datasets import Augment, TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
 from bonedamage.learn.train import TrainConfig, fit, seed_everything
 
@@ -134,10 +134,8 @@ def pruning(
             if eta:
                 cfg["pruner"]["reduction_factor"] = int(eta)
             t0 = time.perf_counter()
-            study = search.run_search(
-                store, splits, tissue, cfg, params["train"], params["augment"]
-            )
-            s = results[name] = search.summary(study)
+            study = search.optimize(store, splits, tissue, cfg, params["train"], params["augment"])
+            s = results[name] = search.study_summary(study)
             ratio = s["epochs_spent"] / results["none"]["epochs_spent"]
             diff = s["best_value"] - results["none"]["best_value"]
             print(

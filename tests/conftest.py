@@ -122,16 +122,16 @@ def write_tiny_models(
     for tiles of ``channels`` planes (the learning tests' tiles: :data:`CHANNELS`)."""
     import torch
 
-    from bonedamage.learn.final import save_model
+    from bonedamage.learn.checkpoint import save_checkpoint
     from bonedamage.learn.models import build_cnn, build_resnet
 
     torch.manual_seed(seed)
     meta = {"tissue": tissue, "tile_px": tile_px, "in_channels": channels, "best_epoch": 1}
     cnn = {**meta, "kind": "cnn", "arch": TINY_ARCH, "val_balanced_accuracy": val}
-    save_model(models / "cnn.pt", build_cnn(TINY_ARCH, channels), cnn)
+    save_checkpoint(models / "cnn.pt", build_cnn(TINY_ARCH, channels), cnn)
     resnet = {**meta, "kind": "resnet", "arch": "resnet18", "init": "scratch"}
     resnet["val_balanced_accuracy"] = val - 0.1
-    save_model(
+    save_checkpoint(
         models / "resnet" / "resnet_scratch.pt",
         build_resnet("resnet18", in_channels=channels),
         resnet,
@@ -143,6 +143,20 @@ def tiny_metrics(ba: float, auc: float) -> dict[str, Any]:
     row = {"balanced_accuracy": ba, "roc_auc": auc, "accuracy": ba, "f1": ba, "ece": 0.05}
     row["scan_accuracy"] = 1.0
     return {"cnn": row, "resnet_scratch": dict(row)}
+
+
+def write_params(path: Path, params: dict[str, Any], **sections: Any) -> Path:
+    """``params`` (with ``sections`` replaced) as a params file at ``path``, for the stages
+    that read one; return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**params, **sections}, sort_keys=False))
+    return path
+
+
+def with_raw(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    """params ``pipeline`` with the data root at ``root``."""
+    pipeline = params["pipeline"]
+    return {**pipeline, "paths": {**pipeline["paths"], "raw": str(root)}}
 
 
 @pytest.fixture(scope="session")
@@ -234,7 +248,7 @@ def save_tiny_pyfunc(
     import numpy as np
     import torch
 
-    from bonedamage.learn.final import save_model
+    from bonedamage.learn.checkpoint import save_checkpoint
     from bonedamage.learn.models import build_cnn
     from bonedamage.lifecycle.pyfunc import MODEL_CODE
     from bonedamage.lifecycle.registry import signature, tiling_info
@@ -242,7 +256,7 @@ def save_tiny_pyfunc(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     meta = {"kind": "cnn", "arch": TINY_ARCH, "tissue": "trabecular", "tile_px": 16}
-    save_model(out / "cnn.pt", build_cnn(TINY_ARCH), meta)
+    save_checkpoint(out / "cnn.pt", build_cnn(TINY_ARCH), meta)
     tile_um = {"cortical": 25.6, "trabecular": 320.0}
     tile_cfg = dict(params["tile"], tile_um=tile_um, context_um=0.0)  # one-plane tiles
     (out / "tiling.json").write_text(json.dumps(tiling_info(tile_cfg, "trabecular", 16)))
@@ -258,7 +272,9 @@ def save_tiny_pyfunc(
         features = appdomain.penultimate_features(build_cnn(TINY_ARCH), tiles)
         intensity = appdomain.intensity_stats(tiles)
         labels = np.arange(64) % 2
-        summary, arrays = appdomain.fit(features, labels, intensity, features, intensity, 0.95)
+        summary, arrays = appdomain.calibrate(
+            features, labels, intensity, features, intensity, 0.95
+        )
         wide = {**summary["intensity"], "lo": [-1e9] * 2, "hi": [1e9] * 2}
         summary.update(threshold=1e12, intensity=wide, max_voxel_ratio=1.5)
         summary.update(max_out_of_domain_share=0.25)

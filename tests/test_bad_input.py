@@ -131,7 +131,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     tmp = tmp_path_factory.mktemp("bad-input")
     params_copy = tmp / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_copy)
-    assert yaml.safe_load(params_copy.read_text())["data"]["root"] == "data/raw"  # cwd-relative
+    assert (
+        yaml.safe_load(params_copy.read_text())["pipeline"]["paths"]["raw"] == "data/raw"
+    )  # cwd-relative
     cases, before = [], {}
     for command, parser in subcommands().items():
         base = [command, *required_args(parser), "--no-progress"]

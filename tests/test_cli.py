@@ -15,11 +15,13 @@ import tifffile
 import yaml
 
 from bonedamage.cli import build_parser, main
-from conftest import REPO, small_synth
+from conftest import REPO, small_synth, with_raw
 
 
 def write_params(tmp_path: Path, params: dict, root: Path) -> Path:
-    p = dict(params, data={"root": str(root)}, synth=small_synth(params, load_steps=[0.0, 1.0]))
+    p = dict(
+        params, pipeline=with_raw(params, root), synth=small_synth(params, load_steps=[0.0, 1.0])
+    )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(p))
     return path
@@ -153,7 +155,7 @@ def test_tile_split_validate_and_a_leaking_split_fails(
     root = tmp_path / "raw"
     p = dict(
         params,
-        data={"root": str(root)},
+        pipeline=with_raw(params, root),
         synth=small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0]),
         tile=dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0}),
         validate=dict(params["validate"], min_tiles_per_class=1),
@@ -272,7 +274,7 @@ def _ingest_case(case: str, tmp: Path) -> tuple[list[str], list[str]]:
     ],
 )
 def test_ingest_command_refuses_bad_input(case: str, tmp_path: Path, params: dict, capsys) -> None:
-    from bonedamage.data.ingest import IngestRequest, ingest_scans
+    from bonedamage.data.ingestion import IngestRequest, ingest_scans
 
     root = tmp_path / "raw"
     first = tmp_path / "first.tif"
@@ -290,13 +292,14 @@ def test_ingest_command_refuses_bad_input(case: str, tmp_path: Path, params: dic
     assert after == before and sorted(root.rglob(".*")) == []
 
 
-def test_unknown_tissue_on_the_command_line_exits_2(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["ingest", str(tmp_path / "x.tif"), "--specimen-id", "S1", "--tissue", "bone",
-              "--state", "failed"])  # fmt: skip
-    assert exc.value.code == 2
+def test_an_unknown_tissue_exits_2_naming_it_and_the_known_ones(tmp_path: Path, capsys) -> None:
+    assert main(["ingest", str(tmp_path / "x.tif"), "--specimen-id", "S1", "--tissue", "bone",
+                 "--state", "failed", "--params", str(REPO / "params.yaml")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "--tissue: invalid choice: 'bone'" in err and "cortical" in err
+    assert "tissue 'bone' is unknown; allowed: cortical, trabecular" in err
+    assert main(["search", "--tissue", "bone", "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "tissue 'bone' is not one of params pipeline.tissues (cortical, trabecular)" in err
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "many"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bonedamage.atomic import MARKER
-from bonedamage.data.describe import describe, write_metrics
+from bonedamage.data.coverage import describe, write_metrics
 
 
 @pytest.fixture(scope="module")

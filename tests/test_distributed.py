@@ -25,10 +25,10 @@ from sklearn.metrics import balanced_accuracy_score
 from bonedamage.cli import main
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn import distributed
-from bonedamage.learn.data import TileDataset, make_loader, split_rows
+from bonedamage.learn.checkpoint import load_checkpoint
+from bonedamage.learn.datasets import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
 from bonedamage.learn.train import predict
-from bonedamage.lifecycle.runs import load_model
 from conftest import TINY_ARCH
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -81,7 +81,7 @@ from pathlib import Path
 import pandas as pd, torch
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn import distributed
-from bonedamage.learn.data import TileDataset, make_loader, split_rows
+from bonedamage.learn.datasets import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn, set_backbone_trainable
 from bonedamage.learn.train import TrainConfig, fit, seed_everything
 
@@ -197,7 +197,7 @@ def write_inputs(tmp: Path, params: dict[str, Any], experiment: str) -> tuple[Pa
     train = {"device": "cpu", "threads": 1, "epochs": 16, "patience": 16}
     store = {"db": str(tmp / "mlflow.db"), "artifacts": str(tmp / "art")}
     p = {**params, "train": params["train"] | train, "mlflow": store | {"experiment": experiment}}
-    p["cnn"] = {"ensemble": 1}  # one network: this test is about the processes
+    p["train_cnn"] = {"ensemble": 1}  # one network: this test is about the processes
     path = tmp / f"{experiment}.yaml"
     path.write_text(yaml.safe_dump(p))
     models = tmp / experiment
@@ -212,7 +212,7 @@ def write_inputs(tmp: Path, params: dict[str, Any], experiment: str) -> tuple[Pa
 def balanced_accuracies(model_path: Path, learn_data, scheme: str) -> dict[str, float]:
     """Balanced accuracy of a saved model on the val and test splits and on both together."""
     store, table = TileStore(learn_data[0]), pd.read_parquet(learn_data[1])
-    model, found = load_model(model_path), {}
+    model, found = load_checkpoint(model_path), {}
     for split in ("val", "test"):
         positions, labels = split_rows(store, table, "cortical", scheme, split)
         loader = make_loader(TileDataset(store, positions, labels), 256, shuffle=False)

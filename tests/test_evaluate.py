@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from bonedamage.learn import evaluate as ev
+from bonedamage.learn import scoring as ev
 
 
 def test_tile_metrics_perfect_predictions() -> None:

@@ -13,9 +13,10 @@ from sklearn.metrics import balanced_accuracy_score
 
 from bonedamage.config import ConfigError
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn.data import TileDataset, make_loader, split_rows
-from bonedamage.learn.final import save_model, train_cnn, train_cnn_ensemble
+from bonedamage.learn.checkpoint import save_checkpoint
+from bonedamage.learn.datasets import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import CNN, Ensemble, build_cnn, load_state_dict_file
+from bonedamage.learn.recipes import train_cnn, train_cnn_ensemble
 from bonedamage.learn.train import predict
 from conftest import TINY_ARCH as ARCH
 
@@ -25,8 +26,8 @@ BEST = {"arch": ARCH, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 16, "augme
 def test_the_same_model_saves_to_the_same_bytes_whatever_the_path(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_cnn(ARCH)
-    save_model(tmp_path / "a" / "cnn.pt", model, {"kind": "cnn", "arch": ARCH})
-    save_model(tmp_path / "b" / "cnn.pt", model, {"kind": "cnn", "arch": ARCH})
+    save_checkpoint(tmp_path / "a" / "cnn.pt", model, {"kind": "cnn", "arch": ARCH})
+    save_checkpoint(tmp_path / "b" / "cnn.pt", model, {"kind": "cnn", "arch": ARCH})
     # DVC hashes these files: a run-dependent byte would break exact reproduction
     assert (tmp_path / "a" / "cnn.pt").read_bytes() == (tmp_path / "b" / "cnn.pt").read_bytes()
     state = load_state_dict_file(tmp_path / "a" / "cnn.pt")

@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from bonedamage.cli import main
-from bonedamage.lifecycle import gate
+from bonedamage.lifecycle import metric_gate as gate
+from conftest import REPO
 
+TISSUES = ["cortical", "trabecular"]
 CFG = {
-    "tissues": ["cortical", "trabecular"],
     "models": ["cnn", "baseline"],
     "metrics": {"balanced_accuracy": 0.02, "roc_auc": 0.02},
     "cross_platform": {"balanced_accuracy": 0.08, "roc_auc": 0.05},
@@ -35,7 +36,7 @@ def lock(raw_md5: str = "aaa", lr: float = 0.001) -> str:
             "cmd": "bonedamage evaluate --tissue cortical",
             "deps": [
                 {"path": "data/tiles", "md5": "t1"},
-                {"path": "src/bonedamage/learn/evaluate.py", "md5": "e1"},
+                {"path": "src/bonedamage/learn/scoring.py", "md5": "e1"},
             ],
             "params": {"params.yaml": {"train": {"lr": lr}}},
             "outs": [{"path": "metrics/cortical.json", "md5": "m1"}],
@@ -73,7 +74,7 @@ def changed(metric: float) -> dict:
 
 
 def test_exact_reproduction_passes_and_says_so(repo: Path) -> None:
-    report = gate.run_gate(repo, CFG)
+    report = gate.gate_report(repo, CFG, TISSUES)
     assert report.passed and report.same_inputs
     assert {r.verdict for r in report.rows} == {"exact"}
     assert len(report.rows) == 2 * 2 * 2
@@ -95,14 +96,16 @@ def test_an_injected_regression_fails_with_the_drop_in_the_table(repo: Path, cap
 
 
 def params(repo: Path) -> Path:
+    """A params file with the sections gate reads: the repository's pipeline, and CFG."""
+    pipeline = yaml.safe_load((REPO / "params.yaml").read_text())["pipeline"]
     path = repo / "params.yaml"
-    path.write_text(yaml.safe_dump({"gate": CFG}))
+    path.write_text(yaml.safe_dump({"pipeline": {**pipeline, "tissues": TISSUES}, "gate": CFG}))
     return path
 
 
 def test_an_improvement_and_a_drop_within_tolerance_pass(repo: Path) -> None:
     write(repo, {"cortical": changed(0.97), "trabecular": changed(0.94)}, lock(lr=0.002))
-    report = gate.run_gate(repo, CFG)
+    report = gate.gate_report(repo, CFG, TISSUES)
     verdicts = {(r.tissue, r.model, r.metric): r.verdict for r in report.rows}
     assert verdicts[("cortical", "cnn", "balanced_accuracy")] == "improved"
     assert verdicts[("trabecular", "cnn", "balanced_accuracy")] == "within tolerance"
@@ -112,7 +115,7 @@ def test_an_improvement_and_a_drop_within_tolerance_pass(repo: Path) -> None:
 def test_same_inputs_but_different_metrics_is_a_reproducibility_failure(repo: Path) -> None:
     # data, code and params as committed, yet a metric moved (inside the tolerance)
     write(repo, {"cortical": changed(0.949), "trabecular": METRICS}, lock())
-    report = gate.run_gate(repo, CFG)
+    report = gate.gate_report(repo, CFG, TISSUES)
     assert report.same_inputs and not report.regressions
     assert [r.model for r in report.not_reproduced] == ["cnn"]
     assert not report.passed
@@ -121,7 +124,7 @@ def test_same_inputs_but_different_metrics_is_a_reproducibility_failure(repo: Pa
 
 def test_other_raw_data_is_not_the_same_inputs(repo: Path) -> None:
     write(repo, {"cortical": changed(0.949), "trabecular": METRICS}, lock(raw_md5="bbb"))
-    report = gate.run_gate(repo, CFG)
+    report = gate.gate_report(repo, CFG, TISSUES)
     assert not report.same_inputs and report.passed
 
 
@@ -136,7 +139,7 @@ def test_other_raw_data_is_not_the_same_inputs(repo: Path) -> None:
 def test_a_missing_metric_is_an_error_not_a_pass(repo: Path, new: dict, message: str) -> None:
     write(repo, {"cortical": new, "trabecular": METRICS}, lock())
     with pytest.raises(gate.GateError, match=message):
-        gate.run_gate(repo, CFG)
+        gate.gate_report(repo, CFG, TISSUES)
 
 
 def test_missing_files_and_baselines_exit_2_naming_them(repo: Path, capsys) -> None:
@@ -151,9 +154,9 @@ def test_missing_files_and_baselines_exit_2_naming_them(repo: Path, capsys) -> N
 def test_a_baseline_folder_instead_of_a_revision(repo: Path, tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
-    for tissue in CFG["tissues"]:
+    for tissue in TISSUES:
         (base / f"{tissue}.json").write_text(json.dumps(changed(0.99)))
-    report = gate.run_gate(repo, CFG, baseline_dir=base)
+    report = gate.gate_report(repo, CFG, TISSUES, baseline_dir=base)
     assert [r.verdict for r in report.regressions] == ["REGRESSION"] * 2
     assert not report.same_inputs  # no lock file to compare with
 
@@ -168,14 +171,14 @@ def on(platform: dict, metrics: dict) -> dict:
 
 @pytest.fixture
 def amd_repo(repo: Path) -> Path:
-    write(repo, {t: on(AMD, METRICS) for t in CFG["tissues"]}, lock())
+    write(repo, {t: on(AMD, METRICS) for t in TISSUES}, lock())
     git(repo, "commit", "-qam", "results made on the AMD machine")
     return repo
 
 
 def test_the_same_platform_still_requires_exact_reproduction(amd_repo: Path) -> None:
     write(amd_repo, {"cortical": on(AMD, changed(0.949)), "trabecular": on(AMD, METRICS)}, lock())
-    report = gate.run_gate(amd_repo, CFG)
+    report = gate.gate_report(amd_repo, CFG, TISSUES)
     assert report.same_inputs and report.same_platform
     assert [r.model for r in report.not_reproduced] == ["cnn"] and not report.passed
 
@@ -185,7 +188,7 @@ def test_another_platform_is_held_to_the_cross_platform_tolerances(amd_repo: Pat
     write(
         amd_repo, {"cortical": on(INTEL, changed(0.90)), "trabecular": on(INTEL, METRICS)}, lock()
     )
-    report = gate.run_gate(amd_repo, CFG)
+    report = gate.gate_report(amd_repo, CFG, TISSUES)
     assert report.same_inputs and not report.same_platform
     assert report.passed and not report.not_reproduced
     row = next(r for r in report.rows if r.verdict == "within tolerance")
@@ -198,20 +201,20 @@ def test_another_platform_is_held_to_the_cross_platform_tolerances(amd_repo: Pat
     write(
         amd_repo, {"cortical": on(INTEL, changed(0.85)), "trabecular": on(INTEL, METRICS)}, lock()
     )
-    assert [r.tissue for r in gate.run_gate(amd_repo, CFG).regressions] == ["cortical"]
+    assert [r.tissue for r in gate.gate_report(amd_repo, CFG, TISSUES).regressions] == ["cortical"]
 
 
 def test_no_cross_platform_tolerances_is_an_error_naming_the_setting(amd_repo: Path) -> None:
-    write(amd_repo, {t: on(INTEL, METRICS) for t in CFG["tissues"]}, lock())
+    write(amd_repo, {t: on(INTEL, METRICS) for t in TISSUES}, lock())
     cfg = {k: v for k, v in CFG.items() if k != "cross_platform"}
     with pytest.raises(gate.GateError, match=r"gate\.cross_platform: missing"):
-        gate.run_gate(amd_repo, cfg)
-    assert gate.run_gate(amd_repo, CFG).passed
+        gate.gate_report(amd_repo, cfg, TISSUES)
+    assert gate.gate_report(amd_repo, CFG, TISSUES).passed
 
 
 def test_a_platform_recorded_on_one_side_only_counts_as_another(repo: Path) -> None:
-    write(repo, {t: on(AMD, METRICS) for t in CFG["tissues"]}, lock())
-    report = gate.run_gate(repo, CFG)  # the committed baseline recorded none
+    write(repo, {t: on(AMD, METRICS) for t in TISSUES}, lock())
+    report = gate.gate_report(repo, CFG, TISSUES)  # the committed baseline recorded none
     assert not report.same_platform and report.passed
     assert "not recorded" in report.to_markdown()
 
@@ -224,7 +227,7 @@ def test_the_repo_gate_names_what_evaluate_writes(params: dict) -> None:
         *(f"resnet_{i}" for i in params["resnet"]["inits"]),
     }
     repo = Path(__file__).resolve().parents[1]
-    for tissue in cfg["tissues"]:
+    for tissue in params["pipeline"]["tissues"]:
         committed = json.loads((repo / "metrics" / f"{tissue}.json").read_text())
         for model in cfg["models"]:
             assert set(cfg["metrics"]) <= set(committed[model])
@@ -254,7 +257,7 @@ def test_gate_never_writes_over_or_around_its_inputs_even_with_force(
     """Once: `gate --out metrics` wrote gate.json and gate.md among the metrics it read."""
     base = tmp_path / "base"
     base.mkdir()
-    for tissue in CFG["tissues"]:
+    for tissue in TISSUES:
         (base / f"{tissue}.json").write_text(json.dumps(METRICS))
     out = {"metrics": repo / "metrics", "inside-metrics": repo / "metrics" / "gate",
            "repo": repo, "baseline": base}[where]  # fmt: skip

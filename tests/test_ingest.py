@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from bonedamage.data.ingest import IngestError, IngestRequest, ingest_scans, read_batch_csv
+from bonedamage.data.ingestion import IngestError, IngestRequest, ingest_scans, read_batch_csv
 from bonedamage.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from bonedamage.data.volume import open_volume, sha256_file
 from test_volume import simulate_missing_imagecodecs
@@ -677,7 +677,7 @@ def test_manifest_write_failure_rolls_back(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Files already moved into place are taken back when the manifest cannot be written."""
-    import bonedamage.data.ingest as ingest_module
+    import bonedamage.data.ingestion as ingest_module
 
     def failing_write(df: pd.DataFrame, root: Path) -> Path:
         assert (root / "trabecular" / "X1-failed.tif").is_file()  # the move did happen
@@ -694,7 +694,7 @@ def test_interrupt_leaves_nothing(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while a scan streams removes the staging folder too."""
-    import bonedamage.data.ingest as ingest_module
+    import bonedamage.data.ingestion as ingest_module
 
     real = ingest_module._checked_slices
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
+from bonedamage.learn.datasets import Augment, TileDataset, make_loader, split_rows
 
 
 def test_split_rows_select_one_tissue_scheme_and_split(learn_data: tuple[Path, Path]) -> None:
@@ -86,9 +86,10 @@ def test_quarter_turns_only_for_planes_normal_to_the_load_axis() -> None:
 def test_dataset_turns_tiles_by_their_plane(learn_data: tuple[Path, Path]) -> None:
     tiles, splits = learn_data
     store, table = TileStore(tiles), pd.read_parquet(splits)
+    planes = {}
     for tissue in ("cortical", "trabecular"):
         positions, labels = split_rows(store, table, tissue, "grouped", "train")
-        plane = store.index["plane"].iloc[positions[0]]
+        plane = planes[tissue] = store.index["plane"].iloc[positions[0]]
         aug = Augment(flips=True, rot90=True, rot90_planes=("axial",))
         raw = TileDataset(store, positions, labels)
         turned = 0
@@ -99,6 +100,7 @@ def test_dataset_turns_tiles_by_their_plane(learn_data: tuple[Path, Path]) -> No
             assert np.array_equal(np.sort(x.ravel()), np.sort(r.ravel()))
             turned += not (np.array_equal(x, r) or np.array_equal(x, r[:, ::-1]))
         assert (turned > 0) == (plane == "axial"), (tissue, plane)
+    assert "axial" in planes.values() and set(planes.values()) != {"axial"}  # both kinds seen
 
 
 def test_dataset_items_and_epochs(learn_data: tuple[Path, Path]) -> None:

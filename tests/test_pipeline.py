@@ -182,7 +182,7 @@ def study_trials(project: Path) -> list[Any]:
     """The trials of the project's one Optuna study (search@TISSUE)."""
     import optuna
 
-    from bonedamage.learn.search import storage_from
+    from bonedamage.learn.study import storage_from
 
     storage = storage_from(str(project / JOURNAL))
     (name,) = optuna.get_all_study_names(storage)
@@ -190,7 +190,7 @@ def study_trials(project: Path) -> list[Any]:
 
 
 def finished_trials(project: Path) -> list[tuple[str, dict[str, Any], float | None]]:
-    from bonedamage.learn.search import FINISHED
+    from bonedamage.learn.study import FINISHED
 
     return [(t.state.name, t.params, t.value) for t in study_trials(project) if t.state in FINISHED]
 

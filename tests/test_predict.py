@@ -15,7 +15,7 @@ from bonedamage.cli import main
 from bonedamage.data.manifest import read_manifest
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.volume import write_volume
-from bonedamage.explain import predict
+from bonedamage.explain import scan as predict
 from bonedamage.lifecycle.pyfunc import TileClassifier
 from bonedamage.lifecycle.registry import Candidate, fit_domain, tiling_info
 from conftest import CHANNELS, RunsCode, write_tiny_models
@@ -279,7 +279,7 @@ def test_the_domain_threshold_accepts_the_calibrated_share_of_validation_tiles(
     setup, learn_data, learn_params
 ) -> None:
     from bonedamage.learn import domain
-    from bonedamage.learn.data import split_rows
+    from bonedamage.learn.datasets import split_rows
 
     model, store = setup["model"], setup["store"]
     summary = model.domain

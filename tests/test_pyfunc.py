@@ -203,7 +203,7 @@ def test_model_whose_weights_are_a_pickled_object_is_refused_unrun(
 
 
 def test_25d_classifier_takes_three_plane_tiles(tmp_path: Path) -> None:
-    from bonedamage.learn.final import save_model
+    from bonedamage.learn.checkpoint import save_checkpoint
     from bonedamage.learn.models import build_cnn
     from bonedamage.lifecycle.pyfunc import TileClassifier
     from conftest import TINY_ARCH
@@ -211,7 +211,7 @@ def test_25d_classifier_takes_three_plane_tiles(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_cnn(TINY_ARCH, 3)
     meta = {"kind": "cnn", "arch": TINY_ARCH, "tile_px": PX, "in_channels": 3}
-    save_model(tmp_path / "cnn.pt", model, meta)
+    save_checkpoint(tmp_path / "cnn.pt", model, meta)
     clf = TileClassifier()
     tiling = {"tile_px": PX, "channels": 3, "percentiles": [0.5, 99.5]}
     clf.setup(meta, tiling, tmp_path / "cnn.pt")

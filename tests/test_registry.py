@@ -1,8 +1,11 @@
-"""MLflow model registry (lifecycle/registry.py): register, promote, the different-data refusal."""
+"""MLflow model registry (lifecycle/registry.py and the register and promote stages):
+register, promote, the different-data refusal."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import subprocess
@@ -21,9 +24,11 @@ from mlflow.tracking import MlflowClient
 from bonedamage.cli import main
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn import domain
-from bonedamage.learn.data import split_rows
+from bonedamage.learn.datasets import split_rows
 from bonedamage.lifecycle import registry, tracking
 from bonedamage.lifecycle.pyfunc import load_classifier
+from bonedamage.stages.promote import run_promote
+from bonedamage.stages.register import run_register
 from conftest import (
     CHANNELS,
     free_port,
@@ -31,6 +36,7 @@ from conftest import (
     post,
     running,
     tiny_metrics,
+    write_params,
     write_tiny_models,
 )
 
@@ -42,32 +48,41 @@ CFG = {
 }
 
 
+def printed(stage: Any, *args: Any, **kwargs: Any) -> list[str]:
+    """The lines a stage prints; it must succeed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert stage(*args, **kwargs) == 0
+    return out.getvalue().splitlines()
+
+
+def register(env: dict, label: str, record: str) -> list[str]:
+    """Register the models under ``tmp/label`` with the metrics ``tmp/label.json``."""
+    tmp = env["tmp"]
+    return printed(
+        run_register, env["path"], TISSUE, *env["data"], models=tmp / label,
+        metrics=tmp / f"{label}.json", out=tmp / record,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def env(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     """A fresh SQLite store with the tiny models of version 1 registered and promoted."""
     tmp = tmp_path_factory.mktemp("registry")
-    uri = tracking.configure({"db": "r.db", "artifacts": "art", "experiment": "reg"}, tmp)
+    store_cfg = {"db": str(tmp / "r.db"), "artifacts": str(tmp / "art"), "experiment": "reg"}
+    uri = tracking.configure(store_cfg)
     params = copy.deepcopy(learn_params)
-    params["registry"] = CFG
+    params.update(registry=CFG, mlflow=store_cfg)
     params["resnet"]["inits"] = ["scratch"]
     store = TileStore(learn_data[0])
     tile_px = int(store.index["tile_px"].iloc[0])
-    write_tiny_models(tmp / "v1", TISSUE, seed=1, tile_px=tile_px)
+    write_tiny_models(tmp / "v1" / TISSUE, TISSUE, seed=1, tile_px=tile_px)
     (tmp / "v1.json").write_text(json.dumps(tiny_metrics(0.80, 0.90)))
-    done = registry.run_register(
-        params, TISSUE, *learn_data, tmp / "v1", tmp / "v1.json", tmp / "v1-record.json"
-    )
-    decisions, errors = registry.run_promote(params, TISSUE)
-    return {
-        "tmp": tmp,
-        "uri": uri,
-        "params": params,
-        "data": learn_data,
-        "tile_px": tile_px,
-        "done": done,
-        "decisions": decisions,
-        "errors": errors,
-    }
+    env = {"tmp": tmp, "uri": uri, "params": params, "data": learn_data, "tile_px": tile_px}
+    env["path"] = write_params(tmp / "params.yaml", params)
+    env["registered"] = register(env, "v1", "v1-record.json")
+    env["promoted"] = printed(run_promote, env["path"], TISSUE)
+    return env
 
 
 def champion(name: str) -> int:
@@ -77,12 +92,9 @@ def champion(name: str) -> int:
 def register_version(env: dict, label: str, seed: int, ba: float, auc: float) -> None:
     mlflow.set_tracking_uri(env["uri"])
     tmp = env["tmp"]
-    write_tiny_models(tmp / label, TISSUE, seed=seed, tile_px=env["tile_px"])
+    write_tiny_models(tmp / label / TISSUE, TISSUE, seed=seed, tile_px=env["tile_px"])
     (tmp / f"{label}.json").write_text(json.dumps(tiny_metrics(ba, auc)))
-    registry.run_register(
-        env["params"], TISSUE, *env["data"], tmp / label, tmp / f"{label}.json",
-        tmp / f"{label}-record.json",
-    )  # fmt: skip
+    register(env, label, f"{label}-record.json")
 
 
 # -- the decision rule -------------------------------------------------------------------
@@ -125,7 +137,7 @@ def test_a_challenger_without_metrics_is_not_validated() -> None:
 # -- against a real store ----------------------------------------------------------------
 def test_register_creates_three_models_with_challenger_and_version_tags(env) -> None:
     names = registry.model_names("t", TISSUE)
-    assert [r["name"] for r in env["done"]] == names and all(r["created"] for r in env["done"])
+    assert env["registered"] == [f"{name}: new version 1 -> @challenger" for name in names]
     client = MlflowClient()
     for name in names:
         v = client.get_model_version_by_alias(name, registry.CHALLENGER)
@@ -169,21 +181,18 @@ def test_every_registered_version_carries_its_applicability_domain(env) -> None:
 
 
 def test_first_promotion_makes_every_challenger_champion(env) -> None:
-    assert env["errors"] == []
-    assert [d.reason for d in env["decisions"]] == [
-        "first validated challenger becomes champion"
-    ] * 3
+    assert len(env["promoted"]) == 3 and not any("refused" in line for line in env["promoted"])
+    for line in env["promoted"]:
+        assert "promoted" in line and "(first validated challenger becomes champion)" in line
     for name in registry.model_names("t", TISSUE):
         assert champion(name) == 1
 
 
 def test_registering_the_same_weights_again_adds_no_version(env) -> None:
     tmp = env["tmp"]
-    again = registry.run_register(
-        env["params"], TISSUE, *env["data"], tmp / "v1", tmp / "v1.json", tmp / "again.json"
-    )
-    assert [r["created"] for r in again] == [False] * 3
-    assert [r["version"] for r in again] == [1, 1, 1]
+    again = register(env, "v1", "again.json")
+    names = registry.model_names("t", TISSUE)
+    assert again == [f"{name}: already registered: 1 -> @challenger" for name in names]
     assert (tmp / "again.json").read_bytes() == (tmp / "v1-record.json").read_bytes()
 
 
@@ -281,8 +290,7 @@ def test_promote_refuses_a_challenger_from_other_test_data(env, capsys, monkeypa
     latest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     client.set_model_version_tag(name, str(latest), "test_set", "other-tiles")
     client.set_registered_model_alias(name, registry.CHALLENGER, str(latest))
-    params_file = env["tmp"] / "params.yaml"
-    params_file.write_text(json.dumps(env["params"]))  # JSON is YAML
+    params_file = env["path"]
     code = main(["promote", "--tissue", TISSUE, "--params", str(params_file)])
     err = capsys.readouterr().err
     assert code == 2 and "different test data" in err and name in err

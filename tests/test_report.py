@@ -13,10 +13,12 @@ import pytest
 import tifffile
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.explain import gradcam, report
+from bonedamage.explain import exports as report
+from bonedamage.explain import gradcam
 from bonedamage.learn.models import build_module
 from bonedamage.lifecycle import tracking
-from conftest import tiny_metrics, write_tiny_models
+from bonedamage.stages.explain import run_explain
+from conftest import tiny_metrics, write_params, write_tiny_models
 
 TISSUE = "trabecular"
 
@@ -24,22 +26,26 @@ TISSUE = "trabecular"
 @pytest.fixture(scope="module")
 def explained(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("explain")
-    tracking.configure({"db": "e.db", "artifacts": "art", "experiment": "explain"}, tmp)
+    store_cfg = {"db": str(tmp / "e.db"), "artifacts": str(tmp / "art"), "experiment": "explain"}
+    tracking.configure(store_cfg)
     params = copy.deepcopy(learn_params)
     params["resnet"]["inits"] = ["scratch"]
-    params["registry"] = {"prefix": "t"}
+    params["registry"]["prefix"] = "t"
     params["explain"].update(n_per_outcome=2, localization_tiles=6, faithfulness_tiles=2)
+    path = write_params(tmp / "params.yaml", params, mlflow=store_cfg)
     store = TileStore(learn_data[0])
-    write_tiny_models(tmp / "models", TISSUE, seed=0, tile_px=int(store.index["tile_px"].iloc[0]))
+    tile_px = int(store.index["tile_px"].iloc[0])
+    write_tiny_models(tmp / "models" / TISSUE, TISSUE, seed=0, tile_px=tile_px)
     (tmp / "metrics.json").write_text(json.dumps(tiny_metrics(0.8, 0.9)))
 
     def run(name: str) -> dict[str, Any]:
-        return report.run_explain(
-            params, TISSUE, learn_data[0].parent / "raw", *learn_data, tmp / "models",
+        assert run_explain(
+            path, TISSUE, learn_data[0].parent / "raw", *learn_data, tmp / "models",
             tmp / "metrics.json", tmp / name, tmp / f"{name}.json",
-        )  # fmt: skip
+        ) == 0  # fmt: skip
+        return json.loads((tmp / f"{name}.json").read_text())
 
-    return {"tmp": tmp, "store": store, "results": run("a"), "run": run}
+    return {"tmp": tmp, "store": store, "results": run("a"), "run": run, "params": path}
 
 
 def test_every_model_gets_localization_metrics_with_baselines(explained) -> None:
@@ -89,8 +95,8 @@ def test_cam_files_are_aligned_with_their_tiles(explained) -> None:
     # the file holds the map of its own tile: recompute one and compare
     folder = explained["tmp"] / "a" / TISSUE / "cnn"
     row = pd.read_csv(folder / "index.csv").iloc[-1]
-    meta = json.loads((explained["tmp"] / "models" / "cnn.json").read_text())
-    model = build_module(meta, explained["tmp"] / "models" / "cnn.pt")
+    models = explained["tmp"] / "models" / TISSUE
+    model = build_module(json.loads((models / "cnn.json").read_text()), models / "cnn.pt")
     tile = store.tile(ids.index(row.tile_id))[None]
     layer = explained["results"]["cnn"]["layer"]  # the one chosen on validation tiles
     expected = gradcam.compute_cams(model, tile, layer=layer)[0]
@@ -124,7 +130,7 @@ def _explain_paths(tmp) -> dict[str, Any]:
     return {name: tmp / name for name in names}
 
 
-def test_explain_refuses_a_reports_folder_it_did_not_write(tmp_path) -> None:
+def test_explain_refuses_a_reports_folder_it_did_not_write(tmp_path, explained) -> None:
     from bonedamage.atomic import OutputError
 
     paths = _explain_paths(tmp_path)
@@ -132,14 +138,15 @@ def test_explain_refuses_a_reports_folder_it_did_not_write(tmp_path) -> None:
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"the figure of the paper")
     with pytest.raises(OutputError, match=r"did not write; .*--force") as exc:
-        report.run_explain({}, TISSUE, *paths.values(), tmp_path / "reports", tmp_path / "o.json")
+        run_explain(explained["params"], TISSUE, *paths.values(), tmp_path / "reports",
+                    tmp_path / "o.json")  # fmt: skip
     assert str(exc.value).startswith(f"{mine.parent}: exists and holds files")
     assert mine.read_bytes() == b"the figure of the paper"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["figure-3.png", "reports", TISSUE]
 
 
 @pytest.mark.parametrize("into", ["models", "tiles", "raw"])
-def test_explain_never_writes_over_its_inputs_even_with_force(into, tmp_path) -> None:
+def test_explain_never_writes_over_its_inputs_even_with_force(into, tmp_path, explained) -> None:
     from bonedamage.atomic import OutputError
 
     paths = _explain_paths(tmp_path)
@@ -147,7 +154,7 @@ def test_explain_never_writes_over_its_inputs_even_with_force(into, tmp_path) ->
     (paths[into] / TISSUE / "kept").write_text("an input")
     # --reports INTO: reports/<tissue> is (inside) an input folder
     for force in (False, True):
-        with pytest.raises(OutputError, match="output folder lies inside the input"):
-            report.run_explain({}, TISSUE, *paths.values(), paths[into], tmp_path / "o.json",
-                               force=force)  # fmt: skip
+        with pytest.raises(OutputError, match=r"output folder (lies inside|is) the input"):
+            run_explain(explained["params"], TISSUE, *paths.values(), paths[into],
+                        tmp_path / "o.json", force=force)  # fmt: skip
     assert (paths[into] / TISSUE / "kept").read_text() == "an input"

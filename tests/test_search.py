@@ -15,13 +15,13 @@ import pytest
 from optuna.trial import TrialState
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn import search
+from bonedamage.learn import study as search
 
 
 def run(learn_data, params: dict, storage: Path, **overrides):
     cfg = {**params["search"], "storage": str(storage), **overrides}
     store, table = TileStore(learn_data[0]), pd.read_parquet(learn_data[1])
-    return search.run_search(store, table, "cortical", cfg, params["train"], params["augment"])
+    return search.optimize(store, table, "cortical", cfg, params["train"], params["augment"])
 
 
 def test_small_search_then_resume_keeps_finished_trials(learn_data, learn_params, tmp_path):
@@ -66,7 +66,7 @@ def test_pruner_reports_every_epoch(learn_data, learn_params, tmp_path) -> None:
             "epochs_run", len(trial.intermediate_values)
         )
         assert len(trial.intermediate_values) >= 1
-    assert search.summary(study)["trials"] == 4
+    assert search.study_summary(study)["trials"] == 4
 
 
 WORKER = """
@@ -74,7 +74,7 @@ import json, sys, time
 from pathlib import Path
 import pandas as pd
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn import search
+from bonedamage.learn import study as search
 a = json.loads(sys.argv[1])
 done = []
 
@@ -94,7 +94,7 @@ if a.get("gate"):  # a barrier: every worker opens the study at the same moment
         if time.monotonic() > deadline:
             sys.exit("not every worker arrived")
         time.sleep(0.01)
-search.run_search(TileStore(a["tiles"]), pd.read_parquet(a["splits"]), "cortical", a["cfg"],
+search.optimize(TileStore(a["tiles"]), pd.read_parquet(a["splits"]), "cortical", a["cfg"],
                   a["train"], a["augment"], hooks=Record(), worker=a["worker"])
 print(json.dumps(done))
 """

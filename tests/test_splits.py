@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from bonedamage.data.splits import SplitError, make_splits, summary
+from bonedamage.data.splits import SplitError, make_splits, split_counts
 
 
 def tile_index(specimens: int = 8, tiles_per_scan: int = 30) -> pd.DataFrame:
@@ -71,5 +71,5 @@ def test_bad_fractions_are_an_error() -> None:
 
 
 def test_summary_counts() -> None:
-    s = summary(make_splits(tile_index(), CFG))
+    s = split_counts(make_splits(tile_index(), CFG))
     assert s["grouped"]["cortical"]["test"] == {"specimens": 2, "pristine": 60, "failed": 60}

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from bonedamage.atomic import MARKER, OutputError
 from bonedamage.data import morphometry
-from bonedamage.data.describe import damage_coverage, measure_scan
+from bonedamage.data.coverage import damage_coverage, measure_scan
 from bonedamage.data.manifest import COLUMNS, read_manifest
 from bonedamage.data.synth import generate
 from bonedamage.data.synth.generate import SynthError, generate_dataset
@@ -105,8 +105,10 @@ def test_pristine_and_failed_scans_of_a_specimen_differ_by_a_rigid_pose(
     small_dataset: Path,
 ) -> None:
     meta = json.loads((small_dataset / generate.PHANTOMS_NAME).read_text())
+    assert len(meta) == 2  # one specimen per tissue: the loop below checks both
     for specimen in meta.values():
         poses = [scan["pose"] for scan in specimen["scans"]]
+        assert len(poses) == 3  # pristine, intermediate, failed
         assert poses[0] != poses[-1]
         assert all(abs(s) <= 3.0 for p in poses for s in p["shift_vox"])
 
@@ -154,6 +156,8 @@ def test_mask_on_disk_is_the_voxels_the_damage_changed(
     phantom = generate.build_specimen(cfg, tissue, 0)
     manifest = read_manifest(small_dataset)
     rows = manifest[manifest.tissue == tissue].sort_values("load_step")
+    # the loop below meets both branches: a pristine scan and two damaged ones
+    assert list(rows.state) == ["pristine", "intermediate", "failed"]
     for k, row in enumerate(rows.itertuples(index=False)):
         truth = generate.scan_truth(cfg, tissue, phantom, k)
         mask = load(small_dataset, row.mask_path)
@@ -177,6 +181,7 @@ def fov(mask: np.ndarray) -> np.ndarray:
 
 def test_damage_accumulates_with_load_step(small_dataset: Path) -> None:
     manifest = read_manifest(small_dataset)
+    assert manifest.specimen_id.nunique() == 2  # the loop below runs for both specimens
     for _, rows in manifest.groupby("specimen_id"):
         counts = [
             int(load(small_dataset, r).sum()) for r in rows.sort_values("load_step").mask_path
@@ -340,9 +345,14 @@ def test_default_synth_reproduces_the_version_in_data_dvc(default_dataset: Path,
 
 
 @pytest.mark.slow
-def test_default_pristine_morphometry_is_bovine(default_dataset: Path) -> None:
+def test_default_pristine_morphometry_is_bovine(default_dataset: Path, params: dict) -> None:
     manifest = read_manifest(default_dataset)
-    for row in manifest[manifest.state == "pristine"].itertuples(index=False):
+    pristine = manifest[manifest.state == "pristine"]
+    # every specimen of both tissues is measured: the loop cannot pass by running over none
+    n = params["synth"]["specimens_per_tissue"]
+    assert n >= 1
+    assert pristine.tissue.value_counts().to_dict() == {"cortical": n, "trabecular": n}
+    for row in pristine.itertuples(index=False):
         m = measure_scan(default_dataset / row.path, row.tissue, row.voxel_size_um)
         print(row.scan_id, {k: round(v, 3) for k, v in m.items()})
         if row.tissue == "trabecular":
@@ -377,6 +387,7 @@ def test_default_failed_scans_show_damage_in_most_tiles(
         for row in manifest[(manifest.tissue == tissue) & (manifest.state == "failed")].itertuples()
     ]
     print(f"{tissue}: share of failed-scan tiles with visible damage {np.round(shares, 3)}")
+    assert len(shares) == params["synth"]["specimens_per_tissue"] >= 1  # one per failed scan
     assert np.mean(shares) >= 0.5
 
 

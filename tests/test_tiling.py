@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from bonedamage.atomic import MARKER, write_marker
-from bonedamage.data.ingest import IngestRequest, ingest_scans
+from bonedamage.data.ingestion import IngestRequest, ingest_scans
 from bonedamage.data.manifest import read_manifest, write_manifest
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
 from bonedamage.data.tiling import (
@@ -22,7 +22,7 @@ from bonedamage.data.tiling import (
     tile_px,
 )
 from bonedamage.data.volume import open_volume
-from conftest import REAL_STACK
+from conftest import REAL_STACK, with_raw
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +373,7 @@ def test_tile_command_refuses_bad_input_and_keeps_the_old_tiles(
     tile = dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0})
     fragments = _bad_tile_input(case, root, tile)
     pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(dict(params, data={"root": str(root)}, tile=tile)))
+    pfile.write_text(yaml.safe_dump(dict(params, pipeline=with_raw(params, root), tile=tile)))
     out = tmp_path / "tiles"
     out.mkdir()
     (out / INDEX_NAME).write_bytes(b"the tiles of the last good run")
@@ -394,7 +394,7 @@ def _tile_params(params: dict, root: Path, tmp_path: Path) -> Path:
 
     tile = dict(params["tile"], tile_um={"cortical": 25.6, "trabecular": 320.0})
     pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(dict(params, data={"root": str(root)}, tile=tile)))
+    pfile.write_text(yaml.safe_dump(dict(params, pipeline=with_raw(params, root), tile=tile)))
     return pfile
 
 

@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.lifecycle import runs, tracking
-from conftest import REPO, tiny_metrics, write_tiny_models
+from bonedamage.lifecycle import tracking
+from bonedamage.stages.search import run_search
+from conftest import REPO, tiny_metrics, write_params, write_tiny_models
 
 
 @pytest.fixture
@@ -46,14 +47,12 @@ def test_version_tags_name_the_data_and_the_commit() -> None:
 def test_search_is_a_parent_run_with_one_nested_run_per_trial(
     store, learn_data, learn_params, tmp_path
 ) -> None:
-    params = {
-        **learn_params,
-        "search": {**learn_params["search"], "storage": str(tmp_path / "s.journal")},
-    }
-    best = runs.run_search(
-        params, "cortical", *learn_data, tmp_path / "best.json", tmp_path / "reports"
-    )
-    assert (tmp_path / "best.json").is_file() and best["summary"]["trials"] == 3
+    search = {**learn_params["search"], "storage": str(tmp_path / "s.journal")}
+    store_cfg = {"db": str(tmp_path / "t.db"), "artifacts": "art", "experiment": "test"}
+    path = write_params(tmp_path / "params.yaml", learn_params, search=search, mlflow=store_cfg)
+    run_search(path, "cortical", *learn_data, tmp_path / "best.json", tmp_path / "reports")
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["summary"]["trials"] == 3
     found = mlflow.search_runs(experiment_names=["test"], output_format="list")
     parents = [r for r in found if r.data.tags.get("stage") == "search"]
     assert len(parents) == 1
@@ -114,7 +113,7 @@ def test_an_unreachable_tracking_server_stops_register_at_once_writing_nothing(
     params["registry"] = {**params["registry"], "prefix": "t"}
     params["resnet"]["inits"] = ["scratch"]
     params["mlflow"] = {"db": str(tmp_path / "unused.db"), "artifacts": "a", "experiment": "e"}
-    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    write_params(tmp_path / "params.yaml", params)
     models = tmp_path / "models"
     tile_px = int(TileStore(learn_data[0]).index["tile_px"].iloc[0])
     write_tiny_models(models / "cortical", "cortical", seed=1, tile_px=tile_px)

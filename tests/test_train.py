@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn.data import TileDataset, make_loader, split_rows
+from bonedamage.learn.datasets import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
 from bonedamage.learn.train import (
     TrainConfig,
@@ -61,9 +62,8 @@ def test_channels_last_trains_the_same_model_reproducibly(learn_data) -> None:
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous() for w in convs)
-    _, plain = train_once(
-        learn_data, TrainConfig(epochs=2, patience=2, device="cpu", seed=5, threads=1)
-    )
+    contiguous = TrainConfig(epochs=2, patience=2, device="cpu", seed=5, threads=1)
+    _, plain = train_once(learn_data, dataclasses.replace(contiguous, channels_last=False))
     assert a.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], rel=1e-4)
     val = loaders(learn_data)[1]
     nhwc, labels = predict(model, val, channels_last=True)

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bonedamage.data import validate
+from bonedamage.data import expectations as validate
+from bonedamage.data.expectations import Failure, ValidationReport, validate_tables
 from bonedamage.data.manifest import COLUMNS
-from bonedamage.data.validate import Failure, ValidationReport, validate_tables
-from conftest import REAL_STACK
+from conftest import REAL_STACK, with_raw
 
 CFG = {"max_class_imbalance": 1.5, "min_tiles_per_class": 2}
 TILES_PER_SCAN = 4
@@ -347,7 +347,7 @@ def test_manifest_schema_covers_manifest_columns() -> None:
 @pytest.mark.skipif(not REAL_STACK.is_dir(), reason="../shared/real is absent")
 def test_real_stack_with_phantoms_tiles_splits_and_validates(learn_params, tmp_path) -> None:
     """A user's real scan goes through the same tile -> split -> validate path."""
-    from bonedamage.data.ingest import IngestRequest, ingest_scans
+    from bonedamage.data.ingestion import IngestRequest, ingest_scans
     from bonedamage.data.manifest import read_manifest
     from bonedamage.data.splits import make_splits
     from bonedamage.data.synth.generate import generate_dataset
@@ -395,7 +395,7 @@ def on_disk(tables: Tables, tmp_path: Path) -> dict[str, Path]:
     splits.to_parquet(tmp_path / "splits.parquet", index=False)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(dict(params, data={"root": str(root)}, validate=CFG)))
+    pfile.write_text(yaml.safe_dump(dict(params, pipeline=with_raw(params, root), validate=CFG)))
     return {"root": root, "tiles": store, "splits": tmp_path / "splits.parquet", "params": pfile}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,7 @@ def test_big_endian_stack_reads_native(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"imagej": True}, {"photometric": "minisblack"}, {"ome": True, "photometric": "minisblack"}],
+    ids=["imagej", "plain-tiff", "ome"],
 )
 def test_truncated_stack_rejected(tmp_path: Path, kwargs: dict) -> None:
     """A stack cut short must not open as a shorter (e.g. one-slice) volume."""
@@ -200,42 +201,62 @@ def test_truncated_stack_rejected(tmp_path: Path, kwargs: dict) -> None:
     assert "cut.tif" in str(info.value)
 
 
-def _bad_shape_slices(vol: np.ndarray):
+def _bad_shape_slices(vol: np.ndarray) -> Iterator[np.ndarray]:
     yield vol[0]
     yield vol[1, :, :-1]
 
 
-def test_write_failure_leaves_no_file(tmp_path: Path) -> None:
+SHAPE = (5, 12, 16)  # of _volume()
+Slices = Callable[[np.ndarray], Iterator[np.ndarray]]
+
+# id -> (the slices passed, made from the volume; the shape declared; the voxel size; where
+# to write; what the error must say)
+BAD_WRITES: dict[str, tuple[Slices, tuple[int, int, int], float, str, str]] = {
+    "a-slice-of-another-shape-into-a-new-folder": (
+        _bad_shape_slices,
+        SHAPE,
+        1.0,
+        "out/scan.tif",
+        "slice 1",
+    ),
+    "fewer-slices-than-the-shape-says": (
+        lambda v: iter(v[:3]),
+        SHAPE,
+        1.0,
+        "scan.tif",
+        "expected 5",
+    ),
+    "more-slices-than-the-shape-says": (
+        iter,
+        (3, *SHAPE[1:]),
+        1.0,
+        "scan.tif",
+        "more than the 3 slices",
+    ),
+    "voxel-size-zero": (iter, SHAPE, 0.0, "scan.tif", "voxel size"),
+    "voxel-size-negative": (iter, SHAPE, -1.0, "scan.tif", "voxel size"),
+    "voxel-size-nan": (iter, SHAPE, float("nan"), "scan.tif", "voxel size"),
+}
+
+
+@pytest.mark.parametrize(
+    ("slices", "shape", "voxel", "target", "message"),
+    list(BAD_WRITES.values()),
+    ids=list(BAD_WRITES),
+)
+def test_write_refuses_bad_input_and_leaves_no_file(
+    tmp_path: Path,
+    slices: Slices,
+    shape: tuple[int, int, int],
+    voxel: float,
+    target: str,
+    message: str,
+) -> None:
     vol = _volume("uint8")
-    path = tmp_path / "out" / "scan.tif"
-    with pytest.raises(VolumeError, match="slice 1"):
-        write_volume(path, _bad_shape_slices(vol), vol.shape, vol.dtype, 1.0)
-    assert not path.exists()
-    assert list(path.parent.iterdir()) == []  # no temporary left behind either
-
-
-def test_write_too_few_slices_leaves_no_file(tmp_path: Path) -> None:
-    vol = _volume("uint8")
-    path = tmp_path / "scan.tif"
-    with pytest.raises(VolumeError, match="expected 5"):
-        write_volume(path, iter(vol[:3]), vol.shape, vol.dtype, 1.0)
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("voxel", [0.0, -1.0, float("nan")])
-def test_write_rejects_bad_voxel_size(tmp_path: Path, voxel: float) -> None:
-    vol = _volume("uint8")
-    with pytest.raises(VolumeError, match="voxel size"):
-        write_volume(tmp_path / "scan.tif", iter(vol), vol.shape, vol.dtype, voxel)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_write_too_many_slices_leaves_no_file(tmp_path: Path) -> None:
-    vol = _volume("uint8")
-    path = tmp_path / "scan.tif"
-    with pytest.raises(VolumeError, match="more than the 3 slices"):
-        write_volume(path, iter(vol), (3, *vol.shape[1:]), vol.dtype, 1.0)
-    assert list(tmp_path.iterdir()) == []
+    path = tmp_path / target
+    with pytest.raises(VolumeError, match=message):
+        write_volume(path, slices(vol), shape, vol.dtype, voxel)
+    assert list(path.parent.iterdir()) == []  # neither the file nor a temporary
 
 
 # -- the TIFFs labs have: compressions, page-by-page stacks, OME, int16 ------------------------

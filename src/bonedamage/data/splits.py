@@ -91,7 +91,7 @@ def make_splits(index: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
     return out.loc[:, list(COLUMNS)]
 
 
-def summary(splits: pd.DataFrame) -> dict[str, Any]:
+def split_counts(splits: pd.DataFrame) -> dict[str, Any]:
     """Tile and specimen counts per scheme, tissue, split and label (for the metrics file)."""
     out: dict[str, Any] = {}
     for (scheme, tissue, split), group in splits.groupby(["scheme", "tissue", "split"]):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bonedamage.atomic import atomic_path
+from bonedamage.atomic import atomic_path, require_parquet
 
 INDEX_NAME = "index.parquet"
 NORMALIZATION_NAME = "normalization.json"
@@ -135,3 +135,10 @@ def centre_plane(tiles: np.ndarray) -> np.ndarray:
 def normalize(raw: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """The tile normalisation: ``(raw - lo) / (hi - lo)`` in float32."""
     return ((raw.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
+
+
+def require_tables(tiles: Path, splits: Path) -> None:
+    """The tile index and the splits table a stage reads: there, not empty and Parquet
+    (``InputError`` naming the file), before the slow imports and MLflow."""
+    require_parquet(Path(tiles) / INDEX_NAME, "tile index")
+    require_parquet(splits, "splits table")

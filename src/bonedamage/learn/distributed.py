@@ -179,3 +179,9 @@ def agree(metrics: Mapping[str, float]) -> dict[str, float]:
     values = torch.tensor(list(metrics.values()), dtype=torch.float64)
     dist.broadcast(values, src=0)
     return dict(zip(metrics, values.tolist(), strict=True))
+
+
+def print_once(line: str) -> None:
+    """Print ``line`` once per launch (on rank 0 under ``torchrun``)."""
+    if is_main():
+        print(line)

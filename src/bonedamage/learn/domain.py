@@ -112,7 +112,7 @@ def intensity_stats(tiles: np.ndarray) -> np.ndarray:
     return np.stack([plane.mean(axis=(1, 2)), plane.std(axis=(1, 2))], axis=1)
 
 
-def fit(
+def calibrate(
     train_features: np.ndarray,
     train_labels: np.ndarray,
     train_intensity: np.ndarray,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from bonedamage.learn.data import TileDataset, make_loader
+from bonedamage.learn.datasets import TileDataset, make_loader
 from bonedamage.learn.train import EpochCallback, FitResult, TrainConfig, fit
 
 

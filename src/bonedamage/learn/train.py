@@ -26,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bonedamage.config import ConfigError
+from bonedamage.config import TRAIN_DEFAULTS, ConfigError
 from bonedamage.learn import distributed
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -40,17 +40,17 @@ class TrainConfig:
     ``lr`` to 0 over ``epochs``, so the last epochs settle instead of jumping around).
     """
 
-    epochs: int = 10
+    epochs: int = TRAIN_DEFAULTS.epochs
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 4
-    device: str = "auto"
-    amp: bool = True
-    seed: int = 0
-    threads: int = 2
-    lr_schedule: str = "constant"
-    channels_last: bool = False
+    patience: int = TRAIN_DEFAULTS.patience
+    device: str = TRAIN_DEFAULTS.device
+    amp: bool = TRAIN_DEFAULTS.amp
+    seed: int = TRAIN_DEFAULTS.seed
+    threads: int = TRAIN_DEFAULTS.threads
+    lr_schedule: str = TRAIN_DEFAULTS.lr_schedule
+    channels_last: bool = TRAIN_DEFAULTS.channels_last
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -61,8 +61,13 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, cfg: dict[str, Any], **overrides: Any) -> TrainConfig:
-        known = {k: v for k, v in {**cfg, **overrides}.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """params ``train`` with a stage's own values (a recipe's lr, batch size, ...); a key
+        that is no setting of the loop is an error, not silently dropped."""
+        merged = {**cfg, **overrides}
+        unknown = sorted(set(merged) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"train: unknown setting(s) {', '.join(unknown)}")
+        return cls(**merged)
 
 
 @dataclass

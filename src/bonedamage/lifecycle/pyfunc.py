@@ -105,7 +105,7 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         domain: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None,
     ) -> None:
         """Build the module from its sidecar and weights (also used without MLflow); the
-        domain is the (summary, arrays) pair of :func:`bonedamage.learn.domain.fit`."""
+        domain is the (summary, arrays) pair of :func:`bonedamage.learn.domain.calibrate`."""
         self.meta, self.tiling = meta, tiling
         self.module = build_module(meta, weights)
         self.domain, self.domain_arrays = domain if domain is not None else (None, None)

@@ -37,13 +37,12 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from bonedamage.atomic import write_text_atomic
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.tiling import TileSettings
 from bonedamage.learn import domain
-from bonedamage.learn.data import split_rows
-from bonedamage.learn.evaluate import THRESHOLD
+from bonedamage.learn.datasets import split_rows
 from bonedamage.learn.models import build_module
+from bonedamage.learn.scoring import THRESHOLD
 from bonedamage.lifecycle.pyfunc import MODEL_CODE
 from bonedamage.lifecycle.tracking import process_tags, version_tags
 
@@ -171,7 +170,7 @@ def fit_domain(
         domain.intensity_stats(val),
     )
     try:
-        summary, arrays = domain.fit(
+        summary, arrays = domain.calibrate(
             domain.penultimate_features(module, train),
             train_labels,
             domain.intensity_stats(train),
@@ -577,58 +576,34 @@ def _promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
     return decision
 
 
-# -- stage entry points -------------------------------------------------------------------
+# -- what the register and promote stages use -------------------------------------------
 def model_names(prefix: str, tissue: str) -> list[str]:
     """The registered models of a tissue, in the order they are registered."""
     return [f"{prefix}-{tissue}-cnn", f"{prefix}-{tissue}-resnet", f"{prefix}-{tissue}"]
 
 
-def run_register(
-    params: dict[str, Any],
-    tissue: str,
-    tiles: Path,
-    splits: Path,
-    models: Path,
-    metrics: Path,
-    out: Path,
-) -> list[dict[str, Any]]:
-    """Register a tissue's CNN, ResNet and tissue model; write the deterministic record."""
-    cfg = params["registry"]
-    cands = candidates(
-        cfg["prefix"], tissue, models, json.loads(metrics.read_text()), params["resnet"]["inits"]
-    )
-    store, table = TileStore(tiles), pd.read_parquet(splits)
-    test_set = test_set_fingerprint(store, table, tissue)
-    meta = cands[0].meta
-    tiling = tiling_info(
-        params["tile"], tissue, int(meta["tile_px"]), int(meta.get("in_channels", 1))
-    )
-    first = int(split_rows(store, table, tissue, "grouped", "test")[0][0])
-    lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[first]
-    example = (store.raw(first)[None], {"norm_lo": float(lo), "norm_hi": float(hi)})
+def fit_domains(
+    cands: list[Candidate],
+    store: TileStore,
+    splits: pd.DataFrame,
+    tiling: dict[str, Any],
+    cfg: dict[str, Any],
+) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Each candidate's applicability domain (params ``domain``); the tissue model is one of
+    the other two, so each weights file is fitted once."""
     fitted: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
-    for cand in cands:  # the tissue model is one of the other two: fit each weights file once
+    for cand in cands:
         same = next(
             (fitted[c.name] for c in cands if c.name in fitted and c.weights == cand.weights), None
         )
-        fitted[cand.name] = same or fit_domain(cand, store, table, tiling, params["domain"])
-    layers = params.get("explain", {}).get("layer")  # one name, or one per architecture
-    cam = {a: layers.get(a) if isinstance(layers, dict) else layers for a in ("cnn", "resnet")}
-    extra = Registration(fitted, cam)
-    done = register_tissue(MlflowClient(), cands, tiling, test_set, example, extra)
-    record = registry_record(cands, tiling, test_set, fitted)
-    write_text_atomic(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return done
+        fitted[cand.name] = same or fit_domain(cand, store, splits, tiling, cfg)
+    return fitted
 
 
-def run_promote(params: dict[str, Any], tissue: str) -> tuple[list[Decision], list[str]]:
-    """Promote every registered model of a tissue: the decisions, and the refusals."""
-    cfg = params["registry"]
-    client = MlflowClient()
-    decisions, errors = [], []
-    for name in model_names(cfg["prefix"], tissue):
-        try:
-            decisions.append(promote(client, name, cfg))
-        except PromotionError as exc:
-            errors.append(str(exc))
-    return decisions, errors
+def test_example(
+    store: TileStore, splits: pd.DataFrame, tissue: str
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The first test tile, raw, with its normalisation range: the registered input example."""
+    first = int(split_rows(store, splits, tissue, "grouped", "test")[0][0])
+    lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[first]
+    return store.raw(first)[None], {"norm_lo": float(lo), "norm_hi": float(hi)}

@@ -23,8 +23,10 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -36,7 +38,15 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from bonedamage.atomic import pid_alive
+from bonedamage.atomic import pid_alive, require_sqlite
+from bonedamage.learn import distributed
+
+if TYPE_CHECKING:
+    import torch
+
+    from bonedamage.data.tilestore import TileStore
+    from bonedamage.learn.train import FitResult
+    from bonedamage.lifecycle.registry import Candidate
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -76,8 +86,11 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
     """Point MLflow at the configured store and experiment; return the tracking URI.
 
-    A tracking server that does not answer raises :class:`TrackingError` (in seconds).
+    A tracking server that does not answer raises :class:`TrackingError` (in seconds); a
+    configured SQLite store that is not an SQLite file raises ``InputError``.
     """
+    if not os.environ.get("MLFLOW_TRACKING_URI") and cfg.get("db"):
+        require_sqlite(repo / cfg["db"], "the MLflow tracking store, params mlflow.db")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo / cfg['db']).resolve()}"
@@ -204,3 +217,132 @@ class MlflowSearchHooks:
         if value is not None:
             mlflow.log_metric("objective_val_balanced_accuracy", value)
         mlflow.end_run(status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+
+
+# -- the runs of the learning stages ------------------------------------------------------
+@contextmanager
+def training_session(device: str, mlflow_cfg: dict[str, Any]) -> Iterator[None]:
+    """The process group of a ``torchrun`` launch (nothing to join without one), with
+    MLflow configured on the rank that tracks (rank 0) only."""
+    with distributed.session(device):
+        if distributed.is_main():
+            configure(mlflow_cfg)
+        yield
+
+
+@contextmanager
+def stage_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterator[bool]:
+    """An MLflow run with the version tags, ``tags`` and ``params``; yield whether this rank
+    tracks. Under ``torchrun`` only rank 0 does (it adds ``world_size`` to the params);
+    the other ranks get no run and only train, so that their collectives match rank 0's."""
+    if not distributed.is_main():
+        yield False
+        return
+    if distributed.world_size() > 1:
+        params = {**params, "world_size": distributed.world_size()}
+    with mlflow.start_run(run_name=name, tags={**version_tags(), **tags}):
+        mlflow.log_params(params)
+        yield True
+
+
+def log_fit(
+    model: torch.nn.Module, result: FitResult, store: TileStore, path: Path, meta: dict[str, Any]
+) -> None:
+    """Log a fit's history and score to the active run; save the model and its sidecar."""
+    log_history(result.history)
+    mlflow.log_metrics(
+        {"best_val_balanced_accuracy": result.best_score, "train_seconds": result.seconds}
+    )
+    _save_logged(
+        model,
+        store,
+        path,
+        {**meta, "best_epoch": result.best_epoch, "val_balanced_accuracy": result.best_score},
+    )
+
+
+def log_ensemble_fit(
+    model: torch.nn.Module,
+    fits: list[FitResult],
+    score: float,
+    store: TileStore,
+    path: Path,
+    meta: dict[str, Any],
+) -> None:
+    """:func:`log_fit` for an ensemble: each member's history under ``member<k>_``, the
+    ensemble's validation score, and a sidecar naming the members."""
+    for k, member in enumerate(fits, 1):
+        log_history(member.history, prefix=f"member{k}_")
+    mlflow.log_metrics(
+        {
+            "best_val_balanced_accuracy": score,
+            "train_seconds": sum(f.seconds for f in fits),
+            **{
+                f"member{k}_best_val_balanced_accuracy": f.best_score for k, f in enumerate(fits, 1)
+            },
+        }
+    )
+    _save_logged(
+        model,
+        store,
+        path,
+        {
+            **meta,
+            "members": len(fits),
+            "member_best_epochs": [f.best_epoch for f in fits],
+            "member_val_balanced_accuracy": [f.best_score for f in fits],
+            "val_balanced_accuracy": score,
+        },
+    )
+
+
+def _save_logged(
+    model: torch.nn.Module, store: TileStore, path: Path, meta: dict[str, Any]
+) -> None:
+    """Save the model with a sidecar that adds the tiles' size and channels; log the sidecar."""
+    from bonedamage.learn.checkpoint import save_checkpoint
+
+    meta = {
+        **meta,
+        "tile_px": int(store.index["tile_px"].iloc[0]),
+        "in_channels": store.channels(meta["tissue"]),
+    }
+    save_checkpoint(path, model, meta)
+    mlflow.log_artifact(str(path.with_suffix(".json")), "model")
+
+
+def _training_run(tissue: str, cand: Candidate) -> str | None:
+    """The MLflow run that trained this candidate (latest match), if the store has it."""
+    if cand.architecture == "cnn":
+        where = "tags.stage = 'train_cnn' and tags.scheme = 'grouped'"
+    elif cand.meta.get("init") in ("imagenet", "pretext", "scratch"):
+        where = f"tags.stage = 'train_resnet' and tags.init = '{cand.meta['init']}'"
+    else:
+        return None
+    where += " and attributes.status = 'FINISHED'"
+    where += f" and tags.tissue = '{tissue}'"
+    runs = mlflow.search_runs(
+        filter_string=where, order_by=["attributes.start_time DESC"], max_results=1,
+        output_format="list",
+    )  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
+def log_explanation(tissue: str, cand: Candidate, out: Path, metrics: dict[str, Any]) -> None:
+    """Grad-CAM metrics and exports of a candidate, logged to the run that trained it (a
+    new ``explain`` run when the store does not have it)."""
+    import numpy as np
+
+    numbers = {f"gradcam_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    run_id = _training_run(tissue, cand)
+    if run_id is None:
+        with mlflow.start_run(
+            run_name=f"explain-{tissue}-{cand.key}",
+            tags={**version_tags(), "stage": "explain", "tissue": tissue},
+        ) as run:
+            run_id = run.info.run_id
+    client = MlflowClient()
+    for k, v in numbers.items():
+        if np.isfinite(v):
+            client.log_metric(run_id, k, v)
+    client.log_artifacts(run_id, str(out), f"gradcam/{tissue}")

@@ -223,9 +223,10 @@ def _platform(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def run_gate(
+def gate_report(
     repo: Path,
     cfg: dict[str, Any],
+    tissues: Sequence[str],
     *,
     rev: str | None = "HEAD",
     baseline_dir: Path | None = None,
@@ -237,7 +238,7 @@ def run_gate(
     lock_then = git_show(rev, LOCK, repo) if baseline_dir is None and rev else None
     then, now = pipeline_inputs(lock_then), pipeline_inputs(lock_now)
     pairs = []
-    for tissue in cfg["tissues"]:
+    for tissue in tissues:
         new_path = metrics_dir / f"{tissue}.json"
         new = load_metrics(new_path.read_text() if new_path.is_file() else None, str(new_path))
         pairs.append((tissue, read_baseline(tissue, repo, rev, baseline_dir), new, new_path))

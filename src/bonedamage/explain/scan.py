@@ -139,7 +139,7 @@ def _flush(
     return out
 
 
-def load_model(uri: str) -> TileClassifier:
+def load_registered(uri: str) -> TileClassifier:
     """A registered or logged bonedamage model; PredictError naming the URI otherwise."""
     from mlflow.exceptions import MlflowException
 

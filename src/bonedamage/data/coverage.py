@@ -1,4 +1,4 @@
-"""The ``describe`` stage: morphometry and damage coverage of every scan in the data root.
+"""Morphometry and damage coverage of every scan in the data root.
 
 Writes one JSON metrics file (DVC metrics, committed) that says what the dataset is:
 per tissue, the morphometry measured on pristine scans (BV/TV, Tb.Th, Tb.Sp for
@@ -60,7 +60,7 @@ def damage_coverage(
     }
 
 
-def describe(
+def describe_dataset(
     data_root: Path, cfg: dict[str, Any], tile_um: dict[str, float], *, progress: bool = True
 ) -> dict[str, Any]:
     """Measure every scan of the manifest; return the nested metrics dict.
@@ -125,4 +125,5 @@ def summarise(per_scan: pd.DataFrame, manifest: pd.DataFrame, data_root: Path) -
 
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    """The metrics as sorted, indented JSON (a DVC metrics file), written atomically."""
     write_text_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 """Final models of a tissue: the best searched CNN and the transfer-learned ResNets.
 
-The CNN can be an ensemble (``cnn.ensemble``): the same recipe trained with successive
+The CNN can be an ensemble (``train_cnn.ensemble``): the same recipe trained with successive
 seeds, whose mean probability is the prediction. One run's test accuracy moves by about a
 point with the seed alone (bench/bench_seeds.py); the mean of a few runs moves less.
 
@@ -12,21 +12,17 @@ the new head settles, then everything trains.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from bonedamage.atomic import atomic_path, write_text_atomic
 from bonedamage.config import ConfigError
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn.data import Augment, TileDataset, make_loader, split_rows
+from bonedamage.learn.datasets import Augment, TileDataset, make_loader, split_rows
 from bonedamage.learn.models import (
-    DEFAULT_STEM,
     Ensemble,
     build_cnn,
     resnet_from_init,
@@ -104,7 +100,7 @@ def train_cnn_ensemble(
     ``train.seed``, +1, ...: one CNN as it is, several as an :class:`Ensemble`. Returns the
     model, each member's fit, and the model's validation balanced accuracy."""
     if not (isinstance(members, int) and members >= 1):
-        raise ConfigError(f"cnn.ensemble {members!r}: must be a positive integer")
+        raise ConfigError(f"train_cnn.ensemble {members!r}: must be a positive integer")
     seed = int(train_cfg["seed"])
     fits = [
         train_cnn(
@@ -129,28 +125,29 @@ def train_resnet(
     tissue: str,
     init: str,
     resnet_cfg: dict[str, Any],
+    loop: TrainConfig,
     augment_cfg: dict[str, Any],
     *,
     pretext_path: Path | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, FitResult]:
-    """Fine-tune a ResNet (``init``: imagenet, pretext or scratch) on the grouped split."""
-    cfg = TrainConfig.from_params(resnet_cfg)
-    seed_everything(cfg.seed, cfg.threads)
+    """Fine-tune a ResNet (``init``: imagenet, pretext or scratch) on the grouped split with
+    the optimisation settings ``loop``; ``resnet_cfg`` is params ``resnet``."""
+    seed_everything(loop.seed, loop.threads)
     model = resnet_from_init(
         resnet_cfg["arch"],
         init,
-        weights_path=resnet_cfg.get("weights_path"),
+        weights_path=resnet_cfg["weights_path"],
         pretext_path=pretext_path,
-        stem=resnet_cfg.get("stem", DEFAULT_STEM),
+        stem=resnet_cfg["stem"],
         in_channels=store.channels(tissue),
     )
-    freeze = int(resnet_cfg.get("freeze_epochs", 0)) if init != "scratch" else 0
+    freeze = int(resnet_cfg["freeze_epochs"]) if init != "scratch" else 0
 
     def schedule(epoch: int) -> None:
         set_backbone_trainable(model, epoch >= freeze)
 
-    augment = Augment.from_params(augment_cfg, float(resnet_cfg.get("augment_strength", 1.0)))
+    augment = Augment.from_params(augment_cfg, float(resnet_cfg["augment_strength"]))
     result = fit_on_split(
         model,
         store,
@@ -158,22 +155,9 @@ def train_resnet(
         tissue,
         "grouped",
         augment,
-        cfg,
+        loop,
         on_epoch=on_epoch,
         before_epoch=schedule,
     )
     set_backbone_trainable(model, True)
     return model, result
-
-
-def save_model(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write the state dict (``.pt``, loadable with ``weights_only=True``) and a JSON sidecar
-    describing how to rebuild the module, both atomically."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    # through a file object: torch.save names the archive's root folder after a path it is
-    # given (here a random temp name), which would change the bytes from run to run
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)
-    write_text_atomic(
-        path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n"
-    )

@@ -34,9 +34,9 @@ from optuna.trial import TrialState
 
 from bonedamage.atomic import atomic_path
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
-from bonedamage.learn.data import Augment
-from bonedamage.learn.final import fit_on_split
+from bonedamage.learn.datasets import Augment
 from bonedamage.learn.models import build_cnn
+from bonedamage.learn.recipes import fit_on_split
 from bonedamage.learn.train import TrainConfig, seed_everything
 
 ARCH_KEYS = (
@@ -89,24 +89,60 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sampler_rngs(sampler: optuna.samplers.BaseSampler) -> list[np.random.RandomState]:
-    """The random states the TPE sampler draws from: its own and its startup sampler's."""
-    return [sampler._rng.rng, sampler._random_sampler._rng.rng]  # type: ignore[attr-defined]
+# Optuna releases whose sampler internals ``_sampler_random_states`` was checked against
+# (tests/learn/test_optuna_private.py); other releases fail loudly on resume, not silently.
+_OPTUNA_VERIFIED_MAJOR = 5
+
+
+def _sampler_random_states(sampler: optuna.samplers.BaseSampler) -> list[np.random.RandomState]:
+    """The NumPy random states the TPE sampler draws its suggestions from: its own (the TPE
+    candidates) and that of its startup :class:`~optuna.samplers.RandomSampler`.
+
+    The only place this module reads Optuna internals: ``sampler._rng.rng`` and
+    ``sampler._random_sampler._rng.rng`` (Optuna 5.0's ``TPESampler`` keeps each
+    ``RandomState`` in a private ``LazyRandomState``). Optuna has no public way to read or
+    set a sampler's random state (``reseed_rng`` only reseeds from entropy), and resuming a
+    stopped study must continue the same sequence of suggestions as an uninterrupted run,
+    so :func:`_record_trial` saves these states and :func:`_resume` restores them.
+
+    Raises:
+        RuntimeError: the sampler does not hold them where Optuna 5 does (another sampler,
+            or an Optuna release that moved them): re-verify these internals.
+    """
+    try:
+        states = [sampler._rng.rng, sampler._random_sampler._rng.rng]  # type: ignore[attr-defined]
+    except AttributeError as exc:
+        missing = f"{type(exc).__name__}: {exc}"
+    else:
+        if all(isinstance(s, np.random.RandomState) for s in states):
+            return states
+        missing = f"not numpy RandomStates but {[type(s).__name__ for s in states]}"
+    raise RuntimeError(
+        f"cannot save or restore the random state of {type(sampler).__name__} under Optuna "
+        f"{optuna.__version__} (verified for Optuna {_OPTUNA_VERIFIED_MAJOR}.x TPESampler: "
+        f"sampler._rng.rng and sampler._random_sampler._rng.rng; {missing}); resuming a "
+        "study needs them, re-verify them with tests/learn/test_optuna_private.py"
+    )
 
 
 def _record_trial(trial: optuna.Trial, worker: int, slot: int) -> None:
     """Tag ``trial`` with its worker and slot and the sampler's state after its draws."""
     states = []
-    for rng in _sampler_rngs(trial.study.sampler):
+    for rng in _sampler_random_states(trial.study.sampler):
         _, key, pos, has_gauss, gauss = rng.get_state(legacy=True)
         raw = base64.b64encode(np.asarray(key, dtype="<u4").tobytes()).decode("ascii")
         states.append({"key": raw, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": gauss})
     text = json.dumps(states)
     chunks = [text[i : i + _ATTR_CHUNK] for i in range(0, len(text), _ATTR_CHUNK)]
+    # Optuna 5's Trial has no public system-attribute setter; the storage's has, keyed by
+    # the trial's storage id, which the storage looks up from the study name and number.
+    storage = trial.storage
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     for i, chunk in enumerate(chunks):
-        trial.storage.set_trial_system_attr(trial._trial_id, f"{RESUME_KEY}:rng:{i}", chunk)
+        storage.set_trial_system_attr(trial_id, f"{RESUME_KEY}:rng:{i}", chunk)
     tag = {"worker": worker, "slot": slot, "rng_chunks": len(chunks)}
-    trial.storage.set_trial_system_attr(trial._trial_id, RESUME_KEY, tag)
+    storage.set_trial_system_attr(trial_id, RESUME_KEY, tag)
 
 
 def _resume(study: optuna.Study, worker: int) -> int:
@@ -121,7 +157,7 @@ def _resume(study: optuna.Study, worker: int) -> int:
     last = max(mine, key=lambda t: t.system_attrs[RESUME_KEY]["slot"])
     tag = last.system_attrs[RESUME_KEY]
     text = "".join(last.system_attrs[f"{RESUME_KEY}:rng:{i}"] for i in range(tag["rng_chunks"]))
-    for rng, state in zip(_sampler_rngs(study.sampler), json.loads(text), strict=True):
+    for rng, state in zip(_sampler_random_states(study.sampler), json.loads(text), strict=True):
         key = np.frombuffer(base64.b64decode(state["key"]), dtype="<u4").astype(np.uint32)
         rng.set_state(("MT19937", key, state["pos"], state["has_gauss"], state["gauss"]))
     return int(tag["slot"]) + 1
@@ -227,7 +263,7 @@ def open_study(tissue: str, cfg: dict[str, Any], worker: int = 0, tag: str = "")
         seed=int(cfg["seed"]) + worker,
         n_startup_trials=int(cfg.get("n_startup_trials", 5)),
         multivariate=False,
-        constant_liar=worker > 0 or bool(cfg.get("constant_liar", False)),
+        constant_liar=worker > 0,  # workers sharing a study must not draw the same points
     )
     return optuna.create_study(
         study_name=study_name(tissue, cfg, tag),
@@ -243,7 +279,7 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def run_search(
+def optimize(
     store: TileStore,
     splits: pd.DataFrame,
     tissue: str,
@@ -322,7 +358,7 @@ def best_config(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def summary(study: optuna.Study) -> dict[str, Any]:
+def study_summary(study: optuna.Study) -> dict[str, Any]:
     """Finished trials by state and the epochs they spent (pruning saves epochs); trials
     left unfinished (by a killed process, or another worker still running) are not counted."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)

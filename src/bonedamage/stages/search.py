@@ -1,0 +1,83 @@
+"""Search the CNN architecture of a tissue (``search``): an Optuna study (TPE sampler,
+median pruner, seeded) over the space in params ``search.space``; every trial a nested
+MLflow run. Re-running continues the stored study; several processes may share it
+(``--worker``). Writes the best configuration and the study's plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bonedamage.atomic import check_output_file, write_text_atomic
+from bonedamage.config import require_tissue, stage_params
+from bonedamage.data.tilestore import require_tables
+
+PARAMS = ("pipeline", "mlflow", "search", "train", "augment")
+
+
+def run_search(
+    params: Path,
+    tissue: str,
+    tiles: Path | None = None,
+    splits: Path | None = None,
+    out: Path | None = None,
+    reports: Path | None = None,
+    worker: int = 0,
+) -> int:
+    """Optuna search of the CNN architecture for one tissue (nested MLflow runs per trial)."""
+    cfg = stage_params(params, PARAMS)
+    require_tissue(tissue, cfg.pipeline)
+    paths = cfg.pipeline.paths
+    tiles, splits = Path(tiles or paths.tiles), Path(splits or paths.splits)
+    out = Path(out or Path(paths.models) / tissue / "cnn_search.json")
+    reports = Path(reports or Path(paths.reports) / "search")
+    require_tables(tiles, splits)
+    check_output_file(out, inputs=(params, tiles, splits))
+
+    import mlflow
+    import pandas as pd
+
+    from bonedamage.data.tilestore import TileStore
+    from bonedamage.learn import study as optuna_study
+    from bonedamage.lifecycle.tracking import MlflowSearchHooks, configure, version_tags
+
+    configure(cfg.mlflow.model_dump())
+    search, train = cfg.search.model_dump(), cfg.train.model_dump()
+    tags = {**version_tags(), "stage": "search", "tissue": tissue}
+    with mlflow.start_run(run_name=f"search-{tissue}", tags=tags):
+        mlflow.log_params(
+            {
+                "n_trials": search["n_trials"],
+                "epochs": search["epochs"],
+                "lr_schedule": train["lr_schedule"],
+                "channels_last": train["channels_last"],
+                "storage": search["storage"],
+                "pruner": json.dumps(search["pruner"]),
+                "space": json.dumps(search["space"], sort_keys=True),
+            }
+        )
+        study = optuna_study.optimize(
+            TileStore(tiles),
+            pd.read_parquet(splits),
+            tissue,
+            search,
+            train,
+            cfg.augment.model_dump(),
+            hooks=MlflowSearchHooks(),
+            worker=worker,
+        )
+        best = {
+            **optuna_study.best_config(study),
+            "study": study.study_name,
+            "summary": optuna_study.study_summary(study),
+        }
+        mlflow.set_tag("optuna.study", study.study_name)
+        mlflow.log_metric("best_val_balanced_accuracy", best["value"])
+        for plot in optuna_study.save_plots(study, reports / tissue, seed=int(search["seed"])):
+            mlflow.log_artifact(str(plot), "plots")
+    write_text_atomic(out, json.dumps(best, indent=2, sort_keys=True) + "\n")
+    print(
+        f"{tissue}: best trial {best['trial']} val balanced accuracy {best['value']:.4f}"
+        f" ({best['summary']['states']})"
+    )
+    return 0
