@@ -29,7 +29,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from bonedamage.config import load_params
 from bonedamage.data.tilestore import TileStore
-from bonedamage.learn import study as search
+from bonedamage.learn import study as optuna_study
 from bonedamage.learn.datasets import Augment, TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
 from bonedamage.learn.recipes import fit_on_split, train_resnet
@@ -63,12 +63,12 @@ def held_out_scores(
 
 def run_search(
     params: dict, store: TileStore, splits: pd.DataFrame, tissue: str, name: str, tmp: Path
-) -> search.optuna.Study:
+) -> optuna_study.optuna.Study:
     cfg = {**copy.deepcopy(params["search"]), "storage": str(tmp / f"{tissue}-{name}.journal")}
     train_cfg = {**params["train"], **device_settings(name, params["train"])}
     t0 = time.perf_counter()
-    study = search.optimize(store, splits, tissue, cfg, train_cfg, params["augment"])
-    s = search.study_summary(study)
+    study = optuna_study.optimize(store, splits, tissue, cfg, train_cfg, params["augment"])
+    s = optuna_study.study_summary(study)
     seconds = time.perf_counter() - t0
     print(
         f"  search {name:10s} {seconds:7.1f} s  epochs {s['epochs_spent']:3d}  "
@@ -117,15 +117,15 @@ def train_scratch_resnet(
     epochs: int,
     device: str,
 ) -> None:
-    cfg = {
-        **params["resnet"],
+    resnet = {**params["resnet"], "stem": stem}
+    loop = TrainConfig.from_params(
+        params["train"],
         **device_settings(device, params["train"]),
-        "stem": stem,
-        "epochs": epochs,
-        "patience": epochs,
-        "seed": params["train"]["seed"],
-    }
-    model, result = train_resnet(store, splits, tissue, "scratch", cfg, params["augment"])
+        epochs=epochs,
+        patience=epochs,
+        **{k: resnet[k] for k in ("lr", "weight_decay", "batch_size", "channels_last")},
+    )
+    model, result = train_resnet(store, splits, tissue, "scratch", resnet, loop, params["augment"])
     print(
         f"  resnet {stem:8s} {epochs} epochs {result.seconds:6.1f} s  best val "
         f"{result.best_score:.4f} (epoch {result.best_epoch})  "
@@ -159,7 +159,7 @@ def main() -> None:
             print(f"== {tissue}", flush=True)
             studies = [run_search(params, store, splits, tissue, d, Path(tmp)) for d in devices]
             if args.cnn_epochs:
-                best = search.best_config(studies[0])
+                best = optuna_study.best_config(studies[0])
                 train_best_cnn(params, store, splits, tissue, best, args.cnn_epochs, devices[0])
             for stem in args.stems.split(",") if args.resnet_epochs else ():
                 train_scratch_resnet(

@@ -7,7 +7,7 @@ The model: ``--model-uri``, else ``models:/bonedamage-<tissue>@champion`` in the
 repository's MLflow store (MLFLOW_TRACKING_URI, else params ``mlflow.db``) when that store
 holds it. Otherwise, or with ``--stand-in``, a stand-in registered in a temporary store
 (removed afterwards): the tissue's searched CNN (``models/<tissue>/cnn_search.json``, an
-ensemble of ``cnn.ensemble`` members as ``train_cnn`` builds it, seeded random weights),
+ensemble of ``train_cnn.ensemble`` members as ``train_cnn`` builds it, seeded random weights),
 logged as ``register`` logs a model (model code, signature, tiling, input example). It
 costs what the champion costs per tile; its answers mean nothing.
 
@@ -97,7 +97,7 @@ def register_stand_in(tissue: str, params: dict[str, Any], store: Path) -> tuple
     meta = {
         "kind": "cnn",
         "arch": json.loads(search.read_text())["arch"],
-        "members": int(params.get("cnn", {}).get("ensemble", 1)),
+        "members": int(params["train_cnn"]["ensemble"]),
         "in_channels": s.channels,
         "tile_px": s.tile_px,
         "tissue": tissue,

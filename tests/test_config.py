@@ -23,7 +23,6 @@ from bonedamage.config import (
     TrainSection,
     load_config,
     load_params,
-    section,
     stage_params,
 )
 
@@ -382,8 +381,30 @@ def test_stage_params_reads_the_validate_section_by_its_name() -> None:
     assert stage.validate.max_class_imbalance >= 1
 
 
-def test_section_still_gives_one_plain_section(gate_only: Path) -> None:
-    params = load_params(gate_only, partial=True)
-    assert section(params, "gate")["models"]
-    with pytest.raises(ConfigError, match="no 'train' section"):
-        section(params, "train", gate_only)
+def test_a_pruner_gets_the_defaults_of_its_kind_from_the_one_place() -> None:
+    from bonedamage.config import HyperbandPruner, pruner_settings
+
+    filled = pruner_settings({"kind": "hyperband"})
+    assert filled == {"kind": "hyperband", "min_resource": 1, "reduction_factor": 3}
+    assert filled["reduction_factor"] == HyperbandPruner.model_fields["reduction_factor"].default
+    assert pruner_settings({})["kind"] == "median"  # the kind left out
+    with pytest.raises(ConfigError, match=r"search\.pruner\.min_resource: unknown key"):
+        pruner_settings({"kind": "median", "min_resource": 2})
+
+
+def test_a_setting_of_an_earlier_params_file_is_named_with_where_it_lives_now(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "params.yaml"
+    gate = {"tissues": ["cortical"], "models": ["cnn"], "metrics": {"balanced_accuracy": 0.02}}
+    path.write_text(
+        yaml.safe_dump({"data": {"root": "data/raw"}, "cnn": {"ensemble": 2}, "gate": gate})
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_params(path, partial=True)
+    message = str(refused.value)
+    assert "unknown section 'data'" in message and "pipeline.paths.raw now" in message
+    assert "unknown section 'cnn'" in message and "train_cnn.ensemble now" in message
+    assert (
+        "gate.tissues: unknown key in section 'gate'; the tissues are pipeline.tissues" in message
+    )

@@ -4,8 +4,10 @@ functions share a name; the CLI only parses and dispatches."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,11 @@ def _imports(path: Path) -> set[Path]:
         for name in names:
             if name.startswith("bonedamage.") and (file := _module_file(name)):
                 found.add(file)
+        # a module run by path, e.g. the registered model's code: with_name("x.py")
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "with_name":
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, ast.Constant) and str(arg.value).endswith(".py"):
+                found.add(path.with_name(arg.value))
     return found
 
 
@@ -124,6 +131,20 @@ def test_dvc_yaml_params_are_the_sections_the_stage_declares(stage: str) -> None
         assert listed == declared
 
 
+@pytest.mark.parametrize("stage", sorted(c.replace("-", "_") for c in cli.COMMANDS))
+def test_a_stage_reads_every_params_section_it_declares(stage: str) -> None:
+    """No section is declared (a params dep that reruns the stage) without being read;
+    reading an undeclared one fails at run time (config.stage_params)."""
+    module = importlib.import_module(f"bonedamage.stages.{stage}")
+    read = {
+        node.attr
+        for node in ast.walk(ast.parse(_stage_module(stage).read_text()))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        and node.value.id == "cfg"
+    }  # fmt: skip
+    assert set(module.PARAMS) == read
+
+
 def test_every_command_has_a_stage_module_and_every_stage_module_a_command() -> None:
     modules = {p.stem for p in (PACKAGE / "stages").glob("*.py") if p.stem != "__init__"}
     assert modules == {c.replace("-", "_") for c in cli.COMMANDS}
@@ -158,11 +179,32 @@ def test_no_two_public_functions_or_classes_share_a_name() -> None:
     assert not shared
 
 
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_option_of_a_command_is_a_parameter_of_its_stage_function(command: str) -> None:
+    """The CLI passes every option on (dispatch never drops one) and gives no defaults of
+    its own but the params file: those live in the stage function and params.yaml."""
+    name = command.replace("-", "_")
+    run = getattr(importlib.import_module(f"bonedamage.stages.{name}"), f"run_{name}")
+    accepted = set(inspect.signature(run).parameters)
+    parser = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices[command]
+    options = {a.dest for a in parser._actions} - {"help", "no_progress"}
+    assert options <= accepted, f"{command}: {sorted(options - accepted)} would be dropped"
+    defaults = {a.dest: a.default for a in parser._actions if a.dest in options - {"params"}}
+    assert all(v in (None, False) for v in defaults.values()), defaults
+
+
 def test_the_cli_only_parses_and_dispatches() -> None:
     source = (PACKAGE / "cli.py").read_text()
     assert len(source.splitlines()) <= 300
     imported = {p.relative_to(PACKAGE).as_posix() for p in _imports(PACKAGE / "cli.py")}
     assert imported <= {"__init__.py"}, "the CLI reaches stage code only through dispatch"
+
+
+def test_the_closure_holds_the_model_code_mlflow_runs_by_path() -> None:
+    closure = import_closure(PACKAGE / "stages" / "register.py")
+    assert PACKAGE / "lifecycle" / "pyfunc_model.py" in closure
 
 
 def test_the_import_closure_sees_lazy_imports_and_skips_type_checking_ones() -> None:

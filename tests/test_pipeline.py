@@ -217,6 +217,9 @@ def stage_outs(project: Path, stage: str) -> list[str]:
     spec = spec.get("do", spec)
     paths = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
     paths += [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("metrics", [])]
+    table = yaml.safe_load((project / "params.yaml").read_text())["pipeline"]["paths"]
+    for key, value in table.items():
+        paths = [p.replace(f"${{pipeline.paths.{key}}}", value) for p in paths]
     return [p.replace("${item}", item) for p in paths]
 
 

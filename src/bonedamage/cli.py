@@ -41,86 +41,6 @@ _USER_ERRORS = (
 )
 
 FORCE = "replace an output folder that holds files this command did not write"
-TISSUE = {"required": True, "help": "tissue (one of params pipeline.tissues)"}
-TABLES = {
-    "--tiles": {"help": "tile store (default: params pipeline.paths.tiles)"},
-    "--splits": {"help": "splits table (default: params pipeline.paths.splits)"},
-}
-LEARN = {"--tissue": TISSUE, **TABLES, "--models": {"help": "models folder (default: params)"}}
-ROOT = {"--data-root": {"help": "data root (default: params pipeline.paths.raw)"}}
-OUT = {"--out": {"help": "output (default: from params pipeline.paths)"}}
-
-
-def _flag(help_text: str) -> dict:
-    return {"action": "store_true", "help": help_text}
-
-
-# command: (one-line help, its options); each option's keywords go to add_argument
-COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
-    "synth": ("generate the phantom dataset", {
-        **OUT, "--workers": {"type": int, "help": "processes (default: params synth.workers)"},
-        "--force": _flag("replace a data root holding what synth did not write"),
-    }),
-    "ingest": ("add real TIFF scans to the data root", {
-        "source": {"nargs": "?", "help": "scan: multi-page TIFF or folder of slices"},
-        "--specimen-id": {}, "--tissue": {"help": "tissue type"},
-        "--state": {"choices": ["pristine", "intermediate", "failed"]},
-        "--voxel-size-um": {"type": float, "help": "isotropic voxel size (overrides tags)"},
-        "--scan-id": {"help": "scan id (default: SPECIMEN-STATE)"},
-        "--species": {"default": "unknown"}, "--load-step": {"type": int},
-        "--applied-strain": {"type": float}, "--batch": {"metavar": "CSV"},
-        "--source-root": {"help": "folder that batch paths must stay inside"}, **ROOT,
-    }),
-    "describe": ("morphometry and damage coverage of the data root", {**ROOT, **OUT}),
-    "tile": ("cut scans into normalised 2D (or 2.5-D) tiles", {
-        **ROOT, **OUT, "--force": _flag(FORCE),
-    }),
-    "split": ("specimen-grouped train/val/test splits", {
-        "--tiles": TABLES["--tiles"], **OUT, "--metrics": {"help": "split counts"},
-    }),
-    "validate": ("great-expectations data validation", {
-        **ROOT, **TABLES, "--docs": {"help": "Data Docs folder"}, **OUT,
-        "--force": _flag(FORCE),
-    }),
-    "search": ("Optuna CNN architecture search", {
-        **LEARN, **OUT, "--reports": {"help": "study plots folder"},
-        "--worker": {"type": int, "default": 0, "help": "worker number sharing the study"},
-    }),
-    "train-cnn": ("train the final CNN", LEARN),
-    "pretrain": ("ResNet rotation pretraining", LEARN),
-    "train-resnet": ("ResNet transfer learning (imagenet | pretext | scratch)", LEARN),
-    "evaluate": ("test-split metrics", {
-        **LEARN, **OUT, "--plots": {"help": "ROC curves folder"},
-    }),
-    "register": ("register the tissue's models in the MLflow registry", {
-        **LEARN, "--metrics": {"help": "test metrics"}, **OUT,
-    }),
-    "promote": ("champion/challenger promotion in the MLflow registry", {
-        "--tissue": TISSUE,
-        "--allow-refusal": _flag("report a refusal (different test data) and exit 0"),
-    }),
-    "explain": ("Grad-CAM exports and localization metrics", {
-        **LEARN, **ROOT, "--metrics": {"help": "test metrics"},
-        "--reports": {"help": "exports folder"}, **OUT, "--force": _flag(FORCE),
-    }),
-    "predict": ("whole-scan prediction and 3D damage maps", {
-        "scan": {"metavar": "SCAN", "help": "TIFF stack: multi-page file or folder of slices"},
-        "--model": {"required": True, "help": "model URI (models:/NAME@champion)"},
-        "--out": {"required": True, "help": "output folder"},
-        "--force": _flag(FORCE + "; or outputs over the domain's size limit"),
-        "--voxel-size-um": {"type": float, "help": "voxel size (default: from the TIFF tags)"},
-        "--no-cam": _flag("skip the Grad-CAM volume (faster)"),
-        "--allow-resample": _flag("predict a scan coarser than the model's domain allows"),
-        "--cam-layer": {"help": "Grad-CAM target layer (default: params explain.layer)"},
-        "--batch-size": {"type": lambda text: _positive_int(text), "default": 256},
-    }),
-    "gate": ("regression gate on the metrics", {
-        "--rev": {"default": "HEAD", "help": "git revision of the baseline"},
-        "--baseline": {"help": "folder of baseline <tissue>.json files (instead of --rev)"},
-        "--metrics": {"help": "folder of the new metrics"},
-        "--repo": {"default": ".", "help": "repository root"}, **OUT, "--force": _flag(FORCE),
-    }),
-}  # fmt: skip
 
 
 def _positive_int(text: str) -> int:
@@ -134,16 +54,123 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _out(default: str) -> dict:
+    return {"--out": {"help": f"output (default: {default}, from params pipeline.paths)"}}
+
+
+def _flag(help_text: str) -> dict:
+    return {"action": "store_true", "help": help_text}
+
+
+TISSUE = {"required": True, "help": "tissue, one of params pipeline.tissues"}
+TABLES = {
+    "--tiles": {"help": "tile store (default: params pipeline.paths.tiles)"},
+    "--splits": {"help": "splits table (default: params pipeline.paths.splits)"},
+}
+LEARN = {
+    "--tissue": TISSUE,
+    **TABLES,
+    "--models": {"help": "models folder, holding TISSUE/ (default: params pipeline.paths.models)"},
+}
+ROOT = {"--data-root": {"help": "data root (default: params pipeline.paths.raw)"}}
+METRICS = {"--metrics": {"help": "test metrics (default: METRICS/TISSUE.json)"}}
+
+# command: (one-line help, its options); each option's keywords go to add_argument, and
+# each option is a parameter of the command's run_<command> (tests/test_layout.py)
+COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
+    "synth": ("generate the phantom dataset", {
+        **_out("RAW"), "--workers": {"type": _positive_int, "help": "processes (default: "
+        "params synth.workers); the output does not depend on it"},
+        "--force": _flag("replace a data root holding what synth did not write (real scans)"),
+    }),
+    "ingest": ("add real TIFF scans to the data root", {
+        "source": {"nargs": "?", "help": "scan: multi-page TIFF or folder of one-slice TIFFs"},
+        "--specimen-id": {"help": "specimen the scan belongs to"},
+        "--tissue": {"help": "tissue type: cortical or trabecular"},
+        "--state": {"choices": ["pristine", "intermediate", "failed"],
+                    "help": "mechanical state of the scan"},
+        "--voxel-size-um": {"type": float, "help": "isotropic voxel size (overrides the tags)"},
+        "--scan-id": {"help": "scan id (default: SPECIMEN-STATE)"},
+        "--species": {"help": "species (default: unknown)"},
+        "--load-step": {"type": int, "help": "load step index (default: 0 when pristine)"},
+        "--applied-strain": {"type": float, "help": "applied apparent strain"},
+        "--batch": {"metavar": "CSV", "help": "CSV of many scans: specimen_id, tissue, state, "
+                    "path, voxel_size_um (+ optional scan_id, species, load_step, "
+                    "applied_strain); paths relative to the CSV's folder"},
+        "--source-root": {"help": "folder batch paths must stay inside (default: the CSV's)"},
+        **ROOT,
+    }),
+    "describe": ("morphometry and damage coverage of the data root", {
+        **ROOT, **_out("METRICS/data.json"),
+    }),
+    "tile": ("cut scans into normalised 2D (or 2.5-D) tiles", {
+        **ROOT, **_out("TILES"), "--force": _flag(FORCE),
+    }),
+    "split": ("specimen-grouped train/val/test splits", {
+        "--tiles": TABLES["--tiles"], **_out("SPLITS"),
+        "--metrics": {"help": "split counts (default: METRICS/splits.json)"},
+    }),
+    "validate": ("great-expectations data validation", {
+        **ROOT, **TABLES, "--docs": {"help": "Data Docs folder (default: REPORTS/validation)"},
+        **_out("METRICS/validation.json"), "--force": _flag(FORCE),
+    }),
+    "search": ("Optuna CNN architecture search", {
+        **LEARN, **_out("MODELS/TISSUE/cnn_search.json"),
+        "--reports": {"help": "study plots folder (default: REPORTS/search)"},
+        "--worker": {"type": int, "help": "worker number when processes share the study"},
+    }),
+    "train-cnn": ("train the final CNN", LEARN),
+    "pretrain": ("ResNet rotation pretraining", LEARN),
+    "train-resnet": ("ResNet transfer learning (imagenet | pretext | scratch)", LEARN),
+    "evaluate": ("test-split metrics", {
+        **LEARN, **_out("METRICS/TISSUE.json"),
+        "--plots": {"help": "ROC curves folder, holding TISSUE/ (default: PLOTS)"},
+    }),
+    "register": ("register the tissue's models in the MLflow registry", {
+        **LEARN, **METRICS, **_out("REGISTRY/TISSUE.json"),
+    }),
+    "promote": ("champion/challenger promotion in the MLflow registry", {
+        "--tissue": TISSUE,
+        "--allow-refusal": _flag("report a refusal (different test data) and exit 0"),
+    }),
+    "explain": ("Grad-CAM exports and localization metrics", {
+        **LEARN, **ROOT, **METRICS,
+        "--reports": {"help": "exports folder, holding TISSUE/ (default: REPORTS/gradcam)"},
+        **_out("METRICS/TISSUE-gradcam.json"), "--force": _flag(FORCE),
+    }),
+    "predict": ("whole-scan prediction and 3D damage maps", {
+        "scan": {"metavar": "SCAN", "help": "TIFF stack: multi-page file or folder of slices"},
+        "--model": {"required": True, "help": "model URI (models:/NAME@champion)"},
+        "--out": {"required": True, "help": "output folder"},
+        "--force": _flag(FORCE + "; or outputs over the domain's size limit"),
+        "--voxel-size-um": {"type": float, "help": "voxel size (default: from the TIFF tags)"},
+        "--no-cam": _flag("skip the Grad-CAM volume (faster)"),
+        "--allow-resample": _flag("predict a scan coarser than the model's domain allows"),
+        "--cam-layer": {"help": "Grad-CAM target layer (default: params explain.layer)"},
+        "--batch-size": {"type": _positive_int, "help": "tiles per batch (default: 256)"},
+    }),
+    "gate": ("regression gate on the metrics", {
+        "--rev": {"help": "git revision of the baseline (default: HEAD)"},
+        "--baseline": {"help": "folder of baseline <tissue>.json files (instead of --rev)"},
+        "--metrics": {"help": "folder of the new metrics (default: REPO/METRICS)"},
+        "--repo": {"help": "repository root (default: the working directory)"},
+        **_out("REPORTS/gate"), "--force": _flag(FORCE),
+    }),
+}  # fmt: skip
+
+
 def _module(command: str) -> str:
     return "bonedamage.stages." + command.replace("-", "_")
 
 
 def _description(command: str) -> str | None:
-    """The stage module's docstring, read without importing it (imports are slow)."""
+    """The stage module's docstring, read without importing it (imports are slow), in
+    plain text (reST literals lose their backquotes)."""
     spec = importlib.util.find_spec(_module(command))
     if spec is None or spec.origin is None:
         return None
-    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+    return doc.replace("``", "") if doc else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,14 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    """Call the command's stage function with the options it takes."""
-    run = getattr(
-        importlib.import_module(_module(args.command)), "run_" + args.command.replace("-", "_")
-    )
+    """Call the command's stage function with the options given (left out: its defaults)."""
+    command = args.command.replace("-", "_")
+    run = getattr(importlib.import_module(_module(args.command)), f"run_{command}")
     given = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress")}
-    given["progress"] = not args.no_progress
-    accepted = inspect.signature(run).parameters
-    return int(run(**{k: v for k, v in given.items() if k in accepted}))
+    if "progress" in inspect.signature(run).parameters:
+        given["progress"] = not args.no_progress
+    return int(run(**{k: v for k, v in given.items() if v is not None}))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -31,6 +31,7 @@ from pydantic import (
     StrictBool,
     StrictStr,
     Tag,
+    TypeAdapter,
     ValidationError,
 )
 
@@ -779,6 +780,14 @@ def _problem(raw: Mapping[str, Any], error: Mapping[str, Any]) -> str:
     return f"{where}: {text[:1].lower()}{text[1:]}, got {_show(value)}"
 
 
+# settings of earlier params files and where they live now (named in the error)
+MOVED: Final = {
+    "data": "data.root is pipeline.paths.raw now",
+    "cnn": "cnn.ensemble is train_cnn.ensemble now",
+    "gate.tissues": "the tissues are pipeline.tissues now",
+}
+
+
 def _check(raw: dict[str, Any], path: Path, required: Iterable[str]) -> dict[str, _Section]:
     """Validate every section present in ``raw`` and require ``required``; all problems
     go into one ConfigError, each line naming the file, the key and what is wrong."""
@@ -787,13 +796,17 @@ def _check(raw: dict[str, Any], path: Path, required: Iterable[str]) -> dict[str
     for name, value in raw.items():
         model = SECTIONS.get(name) if isinstance(name, str) else None
         if model is None:
-            problems.append(f"unknown section '{name}' (sections: {', '.join(SECTIONS)})")
+            moved = f"; {MOVED[name]}" if name in MOVED else ""
+            problems.append(f"unknown section '{name}' (sections: {', '.join(SECTIONS)}){moved}")
             continue
         try:
             sections[name] = model.model_validate(value)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
             problems += [_problem(raw, {**e, "loc": (name, *e["loc"])}) for e in errors]
+    problems = [
+        f"{p}; {MOVED[p.split(':')[0]]}" if p.split(":")[0] in MOVED else p for p in problems
+    ]
     problems += [f"missing section '{name}'" for name in required if name not in raw]
     if problems:
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
@@ -865,19 +878,6 @@ def stage_params(path: str | os.PathLike[str], sections: Sequence[str]) -> Stage
     return StageParams(path, {name: checked[name] for name in sections})
 
 
-def section(
-    params: dict[str, Any], name: str, source: str | os.PathLike[str] = DEFAULT_PARAMS
-) -> dict[str, Any]:
-    """One top-level section of :func:`load_params`' dict, with a clear error when absent."""
-    try:
-        value = params[name]
-    except KeyError as exc:
-        raise ConfigError(f"{source}: no '{name}' section") from exc
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: '{name}' must be a mapping")
-    return value
-
-
 def require_tissue(tissue: str, pipeline: PipelineSection) -> str:
     """``tissue`` when the pipeline runs it (params ``pipeline.tissues``), else ConfigError."""
     if tissue not in pipeline.tissues:
@@ -886,3 +886,17 @@ def require_tissue(tissue: str, pipeline: PipelineSection) -> str:
             f"({', '.join(pipeline.tissues)})"
         )
     return tissue
+
+
+def pruner_settings(value: dict[str, Any]) -> dict[str, Any]:
+    """params ``search.pruner`` checked, with its kind's defaults filled in: the one place
+    a pruner's settings get their defaults (ConfigError naming the problem otherwise)."""
+    try:
+        return TypeAdapter(Pruner).validate_python(value).model_dump()
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        problems = [
+            _problem({"search": {"pruner": value}}, {**e, "loc": ("search", "pruner", *e["loc"])})
+            for e in errors
+        ]
+        raise ConfigError("; ".join(problems)) from None

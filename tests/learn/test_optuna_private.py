@@ -66,6 +66,7 @@ def finished(study: optuna.Study) -> list[tuple[dict[str, Any], float | None]]:
 def open_study(storage: Path) -> optuna.Study:
     """A study opened as the search opens it (seeded TPE, journal storage)."""
     cfg = {"seed": 11, "n_startup_trials": N_STARTUP, "storage": str(storage), "epochs": 1}
+    cfg |= {"study_prefix": "bonedamage", "pruner": {"kind": "median"}}
     return search.open_study("cortical", cfg, worker=0, tag="private")
 
 

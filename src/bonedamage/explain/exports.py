@@ -8,6 +8,7 @@ on the validation split's damaged tiles).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from bonedamage.atomic import write_text_atomic
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.tiling import damage_masks
 from bonedamage.explain import gradcam
+from bonedamage.learn.models import build_module
 from bonedamage.learn.scoring import THRESHOLD
+from bonedamage.lifecycle.registry import Candidate
 
 
 def evenly_spaced(n_items: int, n_pick: int) -> np.ndarray:
@@ -128,6 +131,28 @@ def localization(
     summary["n_faithfulness_tiles"] = len(some)
     summary["mask_area_share"] = float(masks.mean())
     return summary
+
+
+def explain_model(
+    cand: Candidate,
+    store: TileStore,
+    test: tuple[np.ndarray, np.ndarray],
+    damaged: dict[str, tuple[np.ndarray, np.ndarray]],
+    cfg: dict[str, Any],
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Grad-CAM of one registered candidate's model on the test split's tiles
+    (``test``: positions, labels) into ``out_dir``; its layer chosen on the ``damaged``
+    validation tiles and localization measured on the test ones (tiles, masks); return the
+    model's explanation metrics (params ``explain``: ``cfg``)."""
+    positions, labels = test
+    model = build_module(cand.meta, cand.weights)
+    prob = gradcam.failed_probability(model, store.tiles(positions))
+    layer, record, layers = choose_layer(model, *damaged["val"], cfg, cand.architecture)
+    export_outcomes(model, store, positions, labels, prob, cfg, layer, out_dir)
+    if layers:
+        write_text_atomic(out_dir / "layers.json", json.dumps(layers, indent=2) + "\n")
+    return {"method": cfg["method"], **record, **localization(model, *damaged["test"], cfg, layer)}
 
 
 def layer_for(cfg: dict[str, Any], architecture: str) -> str | None:

@@ -37,11 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bonedamage.config import ConfigError
+from bonedamage.config import ConfigError, ResnetSection
 
 RESNET_ARCHS = ("resnet18", "resnet50")
 RESNET_STEMS = ("imagenet", "fine")
-DEFAULT_STEM = RESNET_STEMS[0]  # torchvision's own stride-2 first convolution
+# params resnet.stem left out: torchvision's own stride-2 first convolution
+DEFAULT_STEM: str = ResnetSection.model_fields["stem"].default
 INITS = ("imagenet", "pretext", "scratch")
 _IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}
 _WRAPPER_KEYS = ("state_dict", "model")  # common checkpoint formats: {"state_dict": {...}, ...}

@@ -74,7 +74,7 @@ def train_cnn(
     scheme: str = "grouped",
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, FitResult]:
-    """Train the CNN of the best trial (``best`` from :func:`search.best_config`)."""
+    """Train the CNN of the best trial (``best``: :func:`bonedamage.learn.study.best_config`)."""
     cfg = TrainConfig.from_params(
         train_cfg, lr=best["lr"], weight_decay=best["weight_decay"], batch_size=best["batch_size"]
     )

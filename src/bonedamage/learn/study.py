@@ -33,6 +33,7 @@ from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from bonedamage.atomic import atomic_path
+from bonedamage.config import pruner_settings
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
 from bonedamage.learn.datasets import Augment
 from bonedamage.learn.models import build_cnn
@@ -211,30 +212,20 @@ def make_pruner(cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePruner:
     ``hyperband``; ``successive_halving`` (one Hyperband bracket: at epochs
     ``min_resource`` x ``reduction_factor``^k it keeps the top 1 / ``reduction_factor``);
     ``none``."""
-    kind = cfg.get("kind", "median")
-    warmup = {
-        "n_startup_trials": int(cfg.get("n_startup_trials", 3)),
-        "n_warmup_steps": int(cfg.get("n_warmup_steps", 1)),
-    }
+    cfg = pruner_settings(cfg)
+    kind = cfg["kind"]
     # Steps are 0-based epochs: a rung at step 1 compares trials after their second epoch.
-    rungs = {
-        "min_resource": int(cfg.get("min_resource", 1)),
-        "reduction_factor": int(cfg.get("reduction_factor", 3)),
-    }
+    warmup = {k: cfg[k] for k in ("n_startup_trials", "n_warmup_steps") if k in cfg}
+    rungs = {k: cfg[k] for k in ("min_resource", "reduction_factor") if k in cfg}
     if kind == "median":
         return optuna.pruners.MedianPruner(**warmup)
     if kind == "percentile":
-        return optuna.pruners.PercentilePruner(float(cfg.get("percentile", 25.0)), **warmup)
+        return optuna.pruners.PercentilePruner(float(cfg["percentile"]), **warmup)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(max_resource=epochs, **rungs)
     if kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**rungs)
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    raise ValueError(
-        f"search.pruner.kind={kind!r}: use median, percentile, hyperband, successive_halving "
-        "or none"
-    )
+    return optuna.pruners.NopPruner()  # kind "none": pruner_settings allows no other
 
 
 def fingerprint(store: TileStore, *configs: dict[str, Any]) -> str:
@@ -253,7 +244,7 @@ def fingerprint(store: TileStore, *configs: dict[str, Any]) -> str:
 
 def study_name(tissue: str, cfg: dict[str, Any], tag: str = "") -> str:
     """``<prefix>-<tissue>-cnn[-<fingerprint>]``."""
-    name = f"{cfg.get('study_prefix', 'bonedamage')}-{tissue}-cnn"
+    name = f"{cfg['study_prefix']}-{tissue}-cnn"
     return f"{name}-{tag}" if tag else name
 
 
@@ -261,7 +252,7 @@ def open_study(tissue: str, cfg: dict[str, Any], worker: int = 0, tag: str = "")
     """Create or load the tissue's study (TPE with explicit, seeded settings)."""
     sampler = optuna.samplers.TPESampler(
         seed=int(cfg["seed"]) + worker,
-        n_startup_trials=int(cfg.get("n_startup_trials", 5)),
+        n_startup_trials=int(cfg["n_startup_trials"]),
         multivariate=False,
         constant_liar=worker > 0,  # workers sharing a study must not draw the same points
     )
@@ -270,7 +261,7 @@ def open_study(tissue: str, cfg: dict[str, Any], worker: int = 0, tag: str = "")
         storage=storage_from(str(cfg["storage"])),
         direction="maximize",
         sampler=sampler,
-        pruner=make_pruner(cfg.get("pruner", {}), int(cfg["epochs"])),
+        pruner=make_pruner(cfg["pruner"], int(cfg["epochs"])),
         load_if_exists=True,
     )
 
@@ -337,7 +328,7 @@ def optimize(
             study.stop()
 
     study.optimize(
-        objective, n_trials=remaining, timeout=cfg.get("timeout_s"), callbacks=[finished], catch=()
+        objective, n_trials=remaining, timeout=cfg["timeout_s"], callbacks=[finished], catch=()
     )
     return study
 

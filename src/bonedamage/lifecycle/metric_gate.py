@@ -73,12 +73,15 @@ def load_metrics(text: str | None, where: str) -> dict[str, Any]:
     return data
 
 
-def read_baseline(tissue: str, repo: Path, rev: str | None, folder: Path | None) -> dict:
-    """Baseline metrics of a tissue from a git revision or from ``folder/<tissue>.json``."""
+def read_baseline(
+    tissue: str, repo: Path, rev: str | None, folder: Path | None, metrics: str = "metrics"
+) -> dict:
+    """Baseline metrics of a tissue from ``folder/<tissue>.json``, or from a git revision's
+    ``<metrics>/<tissue>.json`` (``metrics``: params ``pipeline.paths.metrics``)."""
     if folder is not None:
         path = folder / f"{tissue}.json"
         return load_metrics(path.read_text() if path.is_file() else None, str(path))
-    rel = f"metrics/{tissue}.json"
+    rel = f"{metrics}/{tissue}.json"
     return load_metrics(git_show(rev or "HEAD", rel, repo), f"{rev or 'HEAD'}:{rel}")
 
 
@@ -231,9 +234,11 @@ def gate_report(
     rev: str | None = "HEAD",
     baseline_dir: Path | None = None,
     metrics_dir: Path | None = None,
+    metrics: str = "metrics",
 ) -> GateReport:
-    """Compare ``metrics/<tissue>.json`` in the working tree with the baseline."""
-    metrics_dir = metrics_dir or repo / "metrics"
+    """Compare ``<metrics>/<tissue>.json`` in the working tree (or ``metrics_dir``) with
+    the baseline; ``metrics`` is params ``pipeline.paths.metrics``."""
+    metrics_dir = metrics_dir or repo / metrics
     lock_now = (repo / LOCK).read_text() if (repo / LOCK).is_file() else None
     lock_then = git_show(rev, LOCK, repo) if baseline_dir is None and rev else None
     then, now = pipeline_inputs(lock_then), pipeline_inputs(lock_now)
@@ -241,7 +246,8 @@ def gate_report(
     for tissue in tissues:
         new_path = metrics_dir / f"{tissue}.json"
         new = load_metrics(new_path.read_text() if new_path.is_file() else None, str(new_path))
-        pairs.append((tissue, read_baseline(tissue, repo, rev, baseline_dir), new, new_path))
+        old = read_baseline(tissue, repo, rev, baseline_dir, metrics)
+        pairs.append((tissue, old, new, new_path))
     platforms = (_platform(pairs[0][1]), _platform(pairs[0][2])) if pairs else (None, None)
     # neither side recorded (older baselines): the old rule, exactness on the same inputs
     same_platform = all(_platform(old) == _platform(new) for _, old, new, _ in pairs)

@@ -23,8 +23,6 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +37,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from bonedamage.atomic import pid_alive, require_sqlite
-from bonedamage.learn import distributed
 
 if TYPE_CHECKING:
-    import torch
-
-    from bonedamage.data.tilestore import TileStore
-    from bonedamage.learn.train import FitResult
     from bonedamage.lifecycle.registry import Candidate
 
 PROBE_TIMEOUT_S = 5.0
@@ -140,7 +133,7 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     return ended
 
 
-def _dvc_out_md5(stage_file: Path, path: str) -> str | None:
+def _dvc_out_md5(stage_file: Path, path: str | None) -> str | None:
     """The md5 DVC recorded for output ``path`` in a .dvc file or dvc.lock."""
     if not stage_file.exists():
         return None
@@ -151,13 +144,24 @@ def _dvc_out_md5(stage_file: Path, path: str) -> str | None:
     return next((o.get("md5") for o in outs if o.get("path") == path), None)
 
 
+def _pipeline_paths(repo: Path) -> dict[str, str]:
+    """params.yaml ``pipeline.paths`` of ``repo`` (empty when it has none)."""
+    try:
+        params = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+        return dict(params["pipeline"]["paths"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+
+
 def version_tags(repo: Path = Path()) -> dict[str, str]:
-    """Data and code version of this run (DVC hashes, git commit) and its owner process."""
+    """Data and code version of this run (DVC hashes of the raw data, tiles and splits
+    named in params ``pipeline.paths``; git commit) and its owner process."""
+    paths = _pipeline_paths(repo)
     tags = {
         **process_tags(),
-        "data.raw_md5": _dvc_out_md5(repo / "data.dvc", "data/raw"),
-        "data.tiles_md5": _dvc_out_md5(repo / "dvc.lock", "data/tiles"),
-        "data.splits_md5": _dvc_out_md5(repo / "dvc.lock", "data/splits.parquet"),
+        "data.raw_md5": _dvc_out_md5(repo / "data.dvc", paths.get("raw")),
+        "data.tiles_md5": _dvc_out_md5(repo / "dvc.lock", paths.get("tiles")),
+        "data.splits_md5": _dvc_out_md5(repo / "dvc.lock", paths.get("splits")),
     }
     try:
         commit = subprocess.run(
@@ -217,98 +221,6 @@ class MlflowSearchHooks:
         if value is not None:
             mlflow.log_metric("objective_val_balanced_accuracy", value)
         mlflow.end_run(status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
-
-
-# -- the runs of the learning stages ------------------------------------------------------
-@contextmanager
-def training_session(device: str, mlflow_cfg: dict[str, Any]) -> Iterator[None]:
-    """The process group of a ``torchrun`` launch (nothing to join without one), with
-    MLflow configured on the rank that tracks (rank 0) only."""
-    with distributed.session(device):
-        if distributed.is_main():
-            configure(mlflow_cfg)
-        yield
-
-
-@contextmanager
-def stage_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterator[bool]:
-    """An MLflow run with the version tags, ``tags`` and ``params``; yield whether this rank
-    tracks. Under ``torchrun`` only rank 0 does (it adds ``world_size`` to the params);
-    the other ranks get no run and only train, so that their collectives match rank 0's."""
-    if not distributed.is_main():
-        yield False
-        return
-    if distributed.world_size() > 1:
-        params = {**params, "world_size": distributed.world_size()}
-    with mlflow.start_run(run_name=name, tags={**version_tags(), **tags}):
-        mlflow.log_params(params)
-        yield True
-
-
-def log_fit(
-    model: torch.nn.Module, result: FitResult, store: TileStore, path: Path, meta: dict[str, Any]
-) -> None:
-    """Log a fit's history and score to the active run; save the model and its sidecar."""
-    log_history(result.history)
-    mlflow.log_metrics(
-        {"best_val_balanced_accuracy": result.best_score, "train_seconds": result.seconds}
-    )
-    _save_logged(
-        model,
-        store,
-        path,
-        {**meta, "best_epoch": result.best_epoch, "val_balanced_accuracy": result.best_score},
-    )
-
-
-def log_ensemble_fit(
-    model: torch.nn.Module,
-    fits: list[FitResult],
-    score: float,
-    store: TileStore,
-    path: Path,
-    meta: dict[str, Any],
-) -> None:
-    """:func:`log_fit` for an ensemble: each member's history under ``member<k>_``, the
-    ensemble's validation score, and a sidecar naming the members."""
-    for k, member in enumerate(fits, 1):
-        log_history(member.history, prefix=f"member{k}_")
-    mlflow.log_metrics(
-        {
-            "best_val_balanced_accuracy": score,
-            "train_seconds": sum(f.seconds for f in fits),
-            **{
-                f"member{k}_best_val_balanced_accuracy": f.best_score for k, f in enumerate(fits, 1)
-            },
-        }
-    )
-    _save_logged(
-        model,
-        store,
-        path,
-        {
-            **meta,
-            "members": len(fits),
-            "member_best_epochs": [f.best_epoch for f in fits],
-            "member_val_balanced_accuracy": [f.best_score for f in fits],
-            "val_balanced_accuracy": score,
-        },
-    )
-
-
-def _save_logged(
-    model: torch.nn.Module, store: TileStore, path: Path, meta: dict[str, Any]
-) -> None:
-    """Save the model with a sidecar that adds the tiles' size and channels; log the sidecar."""
-    from bonedamage.learn.checkpoint import save_checkpoint
-
-    meta = {
-        **meta,
-        "tile_px": int(store.index["tile_px"].iloc[0]),
-        "in_channels": store.channels(meta["tissue"]),
-    }
-    save_checkpoint(path, model, meta)
-    mlflow.log_artifact(str(path.with_suffix(".json")), "model")
 
 
 def _training_run(tissue: str, cand: Candidate) -> str | None:

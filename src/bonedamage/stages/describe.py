@@ -1,5 +1,5 @@
-"""Describe the data root (``describe``): per tissue, the morphometry of the pristine scans
-and the share of failed scans' tiles that show damage, as a DVC metrics file."""
+"""Describe the data root (``describe``): per tissue, the morphometry of the pristine scans and
+the share of failed scans' tiles that show damage, as a DVC metrics file."""
 
 from __future__ import annotations
 

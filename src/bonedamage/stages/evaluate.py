@@ -1,8 +1,8 @@
 """Score every model of a tissue on the test split (``evaluate``): tile and scan accuracy,
 balanced accuracy and ROC-AUC with bootstrap intervals, accuracy on visibly damaged tiles,
-the leaky split's inflation and a baseline, as a DVC metrics file with ROC curves; tracked
-in MLflow with the platform the numbers were made on (the gate reproduces them exactly only
-on the same one)."""
+the leaky split's inflation and a baseline, as a DVC metrics file with ROC curves and the
+platform the numbers were made on (the gate reproduces them exactly only on the same one).
+Tracked in MLflow (params mlflow; MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 holds, on the test split: overlay grids of true/false positives/negatives, float32 CAM TIFFs
 and index.csv under REPORTS/TISSUE/MODEL/, and the CAM energy inside the ground-truth damage
 against its area share, a thresholded-CAM IoU and ROAD faithfulness, with uniform and
-centre-bias baselines. Logged to each model's MLflow training run."""
+centre-bias baselines. Logged to each model's MLflow training run. Tracked in MLflow (params
+mlflow; MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from bonedamage.atomic import (
     check_output_file,
     require,
     require_json,
-    write_text_atomic,
 )
 from bonedamage.config import require_tissue, stage_params
 from bonedamage.data.tilestore import require_tables
@@ -35,7 +35,6 @@ def run_explain(
     out: Path | None = None,
     *,
     force: bool = False,
-    progress: bool = True,
 ) -> int:
     """Grad-CAM maps of a tissue's CNN and ResNet: overlays, CAM TIFFs, localization metrics."""
     cfg = stage_params(params, PARAMS)
@@ -61,15 +60,8 @@ def run_explain(
     import pandas as pd
 
     from bonedamage.data.tilestore import TileStore
-    from bonedamage.explain.exports import (
-        choose_layer,
-        damaged_tiles,
-        export_outcomes,
-        localization,
-    )
-    from bonedamage.explain.gradcam import failed_probability
+    from bonedamage.explain.exports import damaged_tiles, explain_model
     from bonedamage.learn.datasets import split_rows
-    from bonedamage.learn.models import build_module
     from bonedamage.learn.scoring import write_json
     from bonedamage.learn.train import seed_everything
     from bonedamage.lifecycle.registry import candidates
@@ -79,29 +71,16 @@ def run_explain(
     explain = cfg.explain.model_dump()
     seed_everything(int(explain["seed"]), int(cfg.train.threads))
     store, table = TileStore(tiles), pd.read_parquet(splits)
-    positions, labels = split_rows(store, table, tissue, "grouped", "test")
-    test = damaged_tiles(store, root, positions, labels, explain)
-    val = damaged_tiles(store, root, *split_rows(store, table, tissue, "grouped", "val"), explain)
+    test = split_rows(store, table, tissue, "grouped", "test")
+    val = split_rows(store, table, tissue, "grouped", "val")
+    damaged = {"test": damaged_tiles(store, root, *test, explain)}
+    damaged["val"] = damaged_tiles(store, root, *val, explain)
     scores = json.loads(metrics.read_text())
     cands = candidates(cfg.registry.prefix, tissue, models, scores, list(cfg.resnet.inits))[:2]
-    results = {}
     with atomic_dir(folder, owner="explain", inputs=inputs, force=force) as staging:
-        for cand in cands:
-            model = build_module(cand.meta, cand.weights)
-            prob = failed_probability(model, store.tiles(positions))
-            layer, record, layers = choose_layer(model, *val, explain, cand.architecture)
-            export_outcomes(
-                model, store, positions, labels, prob, explain, layer, staging / cand.key
-            )
-            if layers:
-                write_text_atomic(
-                    staging / cand.key / "layers.json", json.dumps(layers, indent=2) + "\n"
-                )
-            results[cand.key] = {
-                "method": explain["method"],
-                **record,
-                **localization(model, *test, explain, layer),
-            }
+        results = {
+            c.key: explain_model(c, store, test, damaged, explain, staging / c.key) for c in cands
+        }
     write_json(out, results)
     for cand in cands:
         log_explanation(tissue, cand, folder / cand.key, results[cand.key])

@@ -2,8 +2,8 @@
 reproduced value (metrics/<tissue>.json) may not drop below the baseline (a git revision, or
 a folder of baseline files) by more than the metric's tolerance; when dvc.lock shows the
 same raw data, code and params as the baseline, every metric must match exactly. Writes
-gate.json and gate.md (for a pull-request comment). Exit 0 pass, 1 fail, 2 missing
-metric or baseline."""
+gate.json and gate.md (for a pull-request comment). Exit 0 pass, 1 fail, 2 missing metric or
+baseline."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def run_gate(
         rev=rev,
         baseline_dir=Path(baseline) if baseline else None,
         metrics_dir=metrics,
+        metrics=cfg.pipeline.paths.metrics,
     )
     inputs = (metrics, baseline, repo / "dvc.lock", params)
     written = write_report(report, out, inputs=inputs, force=force)

@@ -1,7 +1,9 @@
-"""Pretrain the ResNet backbone of a tissue (``pretrain``) without labels: it learns to tell
-by how many quarter turns a train-split tile was rotated, so that transfer learning starts
-from features of these images when no ImageNet weights are at hand. Tracked in MLflow;
-data-parallel under ``torchrun`` (docs/scale-out.md)."""
+"""Pretrain the ResNet backbone of a tissue (``pretrain``) without labels: it learns to tell by
+how many quarter turns a train-split tile was rotated, so that transfer learning starts from
+features of these images when no ImageNet weights are at hand. Tracked in MLflow (params
+mlflow; MLFLOW_TRACKING_URI overrides). Data-parallel on several processes or GPUs (rank 0
+alone tracks and writes; the batch size stays the global one): ``torchrun --standalone
+--nproc-per-node 2 -m bonedamage pretrain --tissue cortical`` (docs/scale-out.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def run_pretrain(
     from bonedamage.learn.models import pretext_model
     from bonedamage.learn.pretext import pretrain
     from bonedamage.learn.train import TrainConfig, seed_everything
-    from bonedamage.lifecycle.tracking import log_history, stage_run, training_session
+    from bonedamage.lifecycle.tracking import log_history
+    from bonedamage.lifecycle.training_runs import stage_run, training_session
 
     resnet = cfg.resnet
     epochs = resnet.pretext_epochs

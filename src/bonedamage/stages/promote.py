@@ -1,9 +1,10 @@
-"""Promote a tissue's models (``promote``): each registered model's @champion alias moves
-onto its @challenger when the challenger's test balanced accuracy and ROC-AUC do not drop
-below the champion's by more than params ``registry.tolerance`` (and it clears
+"""Promote a tissue's models (``promote``): each registered model's @champion alias moves onto
+its @challenger when the challenger's test balanced accuracy and ROC-AUC do not drop below
+the champion's by more than params ``registry.tolerance`` (and it clears
 ``registry.min_balanced_accuracy``); the first validated challenger becomes champion.
-Versions evaluated on different test data are refused (exit 2, or reported with
-``--allow-refusal``). Every decision is recorded as version tags."""
+Versions evaluated on different test data are refused (exit 2, or reported with ``--allow-
+refusal``). Every decision is recorded as version tags. Tracked in MLflow (params mlflow;
+MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Register a tissue's models (``register``) in the MLflow model registry: <prefix>-<tissue>-cnn,
-<prefix>-<tissue>-resnet (the init with the best validation score) and <prefix>-<tissue>
-(the better of the two on validation), as pyfuncs that take raw tiles and carry how the
-tiles were cut and their applicability domain; @challenger points at them. Versions carry
-the data hashes, git commit, params and test metrics as tags. Idempotent: weights already
-registered on the same test set are not registered again. Writes the deterministic part
-(weights and test-set hashes, test metrics, domain) as a record."""
+"""Register a tissue's models (``register``) in the MLflow model registry:
+<prefix>-<tissue>-cnn, <prefix>-<tissue>-resnet (the init with the best validation score)
+and <prefix>-<tissue> (the better of the two on validation), as pyfuncs that take raw tiles
+and carry how the tiles were cut and their applicability domain; @challenger points at them.
+Versions carry the data hashes, git commit, params and test metrics as tags. Idempotent:
+weights already registered on the same test set are not registered again. Writes the
+deterministic part (weights and test-set hashes, test metrics, domain) as a record. Tracked
+in MLflow (params mlflow; MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Search the CNN architecture of a tissue (``search``): an Optuna study (TPE sampler,
-median pruner, seeded) over the space in params ``search.space``; every trial a nested
-MLflow run. Re-running continues the stored study; several processes may share it
-(``--worker``). Writes the best configuration and the study's plots."""
+"""Search the CNN architecture of a tissue (``search``): an Optuna study (TPE sampler, median
+pruner, seeded) over the space in params ``search.space``; every trial a nested MLflow run.
+Re-running continues the stored study; several processes may share it (``--worker``). Writes
+the best configuration and the study's plots. Tracked in MLflow (params mlflow;
+MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def run_search(
     tissue: str,
     tiles: Path | None = None,
     splits: Path | None = None,
+    models: Path | None = None,
     out: Path | None = None,
     reports: Path | None = None,
     worker: int = 0,
@@ -29,7 +31,7 @@ def run_search(
     require_tissue(tissue, cfg.pipeline)
     paths = cfg.pipeline.paths
     tiles, splits = Path(tiles or paths.tiles), Path(splits or paths.splits)
-    out = Path(out or Path(paths.models) / tissue / "cnn_search.json")
+    out = Path(out or Path(models or paths.models) / tissue / "cnn_search.json")
     reports = Path(reports or Path(paths.reports) / "search")
     require_tables(tiles, splits)
     check_output_file(out, inputs=(params, tiles, splits))

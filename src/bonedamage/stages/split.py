@@ -1,6 +1,6 @@
-"""Split the tiles (``split``): train/val/test by specimen, so that no specimen has tiles
-in two splits, and the leaky by-tile alternative that shows how much such a split
-inflates accuracy; the counts as a DVC metrics file."""
+"""Split the tiles (``split``): train/val/test by specimen, so that no specimen has tiles in
+two splits, and the leaky by-tile alternative that shows how much such a split inflates
+accuracy; the counts as a DVC metrics file."""
 
 from __future__ import annotations
 

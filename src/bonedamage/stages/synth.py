@@ -1,6 +1,6 @@
-"""Generate the embedded phantom dataset (``synth``): pristine and failed SR-microCT
-volumes of cortical and trabecular bone with ground-truth damage masks, written as the data
-root that ``data.dvc`` versions. The output folder is replaced atomically."""
+"""Generate the embedded phantom dataset (``synth``): pristine and failed SR-microCT volumes of
+cortical and trabecular bone with ground-truth damage masks, written as the data root that
+``data.dvc`` versions. The output folder is replaced atomically."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Train the final CNN of a tissue (``train-cnn``) with the best searched configuration: an
 ensemble of params ``train_cnn.ensemble`` networks (seeds ``train.seed``, +1, ...) when
-above 1, and the same recipe on the leaky split, for the inflation metric. Tracked in
-MLflow. Data-parallel on several processes or GPUs under ``torchrun`` (rank 0 alone tracks
-and writes; the batch size stays the global one; docs/scale-out.md)."""
+above 1, and the same recipe on the leaky split, for the inflation metric. Tracked in MLflow
+(params mlflow; MLFLOW_TRACKING_URI overrides). Data-parallel on several processes or GPUs
+(rank 0 alone tracks and writes; the batch size stays the global one): ``torchrun
+--standalone --nproc-per-node 2 -m bonedamage train-cnn --tissue cortical``
+(docs/scale-out.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def run_train_cnn(
     from bonedamage.data.tilestore import TileStore
     from bonedamage.learn.distributed import print_once
     from bonedamage.learn.recipes import train_cnn_ensemble
-    from bonedamage.lifecycle.tracking import (
+    from bonedamage.lifecycle.training_runs import (
         log_ensemble_fit,
         log_fit,
         stage_run,

@@ -1,7 +1,10 @@
 """Fine-tune the ResNet of a tissue (``train-resnet``) once per init in params
 ``resnet.inits``: ``imagenet`` (weights from ``resnet.weights_path`` or the torch cache,
-never downloaded), ``pretext`` (the rotation-pretrained backbone) or ``scratch``. Tracked
-in MLflow; data-parallel under ``torchrun`` (docs/scale-out.md)."""
+never downloaded), ``pretext`` (the rotation-pretrained backbone) or ``scratch``. Tracked in
+MLflow (params mlflow; MLFLOW_TRACKING_URI overrides). Data-parallel on several processes or
+GPUs (rank 0 alone tracks and writes; the batch size stays the global one): ``torchrun
+--standalone --nproc-per-node 2 -m bonedamage train-resnet --tissue cortical``
+(docs/scale-out.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def run_train_resnet(
     from bonedamage.learn.distributed import print_once
     from bonedamage.learn.recipes import train_resnet
     from bonedamage.learn.train import TrainConfig
-    from bonedamage.lifecycle.tracking import log_fit, stage_run, training_session
+    from bonedamage.lifecycle.training_runs import log_fit, stage_run, training_session
 
     resnet = cfg.resnet.model_dump()
     loop = TrainConfig.from_params(

@@ -1,6 +1,6 @@
 """Validate the data (``validate``) with great-expectations: the manifest, the tile index and
-the splits (schema, ranges, class balance, no specimen in two splits), with Data Docs.
-Exits 1 and lists the failed expectations when the data is invalid."""
+the splits (schema, ranges, class balance, no specimen in two splits), with Data Docs. Exits
+1 and lists the failed expectations when the data is invalid."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def generate_dataset(
             "Use another --out, or --force to discard them."
         )
     jobs = [(tissue, index) for tissue in TISSUES for index in range(cfg["specimens_per_tissue"])]
-    workers = workers or int(cfg.get("workers", 1))
+    workers = workers or int(cfg["workers"])
     with atomic_dir(out_root, owner="synth", inputs=inputs, force=force) as staging:
         results = _run(jobs, cfg, staging, workers, progress)
         rows = [row for result in results for row in result["rows"]]

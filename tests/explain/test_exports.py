@@ -1,4 +1,5 @@
-"""The explain stage (explain/report.py): CAM exports aligned with their tiles, metrics."""
+"""The explain stage (stages/explain.py, explain/exports.py): CAM exports aligned with their
+tiles, metrics."""
 
 from __future__ import annotations
 

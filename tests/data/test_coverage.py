@@ -1,4 +1,4 @@
-"""The describe stage (data/describe.py) on a small phantom dataset."""
+"""Morphometry and damage coverage (data/coverage.py) on a small phantom dataset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bonedamage.atomic import MARKER
-from bonedamage.data.coverage import describe, write_metrics
+from bonedamage.data.coverage import describe_dataset, write_metrics
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ TILE_UM = {"cortical": 32.0, "trabecular": 400.0}
 
 
 def test_metrics_cover_every_tissue_and_state(small_dataset: Path, cfg: dict) -> None:
-    metrics = describe(small_dataset, cfg, TILE_UM, progress=False)
+    metrics = describe_dataset(small_dataset, cfg, TILE_UM, progress=False)
     assert metrics["dataset"]["scans"] == 6 and metrics["dataset"]["specimens"] == 2
     assert metrics["dataset"]["bytes"] > 6 * 32 * 64 * 64 * 2
     # the bytes DVC versions: the output marker (in .dvcignore) is not counted
@@ -39,8 +39,8 @@ def test_metrics_cover_every_tissue_and_state(small_dataset: Path, cfg: dict) ->
 
 def test_metrics_file_is_deterministic(small_dataset: Path, cfg: dict, tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    write_metrics(describe(small_dataset, cfg, TILE_UM, progress=False), a)
-    write_metrics(describe(small_dataset, cfg, TILE_UM, progress=False), b)
+    write_metrics(describe_dataset(small_dataset, cfg, TILE_UM, progress=False), a)
+    write_metrics(describe_dataset(small_dataset, cfg, TILE_UM, progress=False), b)
     assert a.read_bytes() == b.read_bytes()
     assert json.loads(a.read_text())["dataset"]["scans"] == 6
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temporary behind

@@ -1,4 +1,5 @@
-"""Regression gate (lifecycle/gate.py): regressions fail, improvements and exact runs pass."""
+"""Regression gate (lifecycle/metric_gate.py): regressions fail, improvements and exact
+runs pass."""
 
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ def test_the_repo_gate_names_what_evaluate_writes(params: dict) -> None:
         "baseline",
         *(f"resnet_{i}" for i in params["resnet"]["inits"]),
     }
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     for tissue in params["pipeline"]["tissues"]:
         committed = json.loads((repo / "metrics" / f"{tissue}.json").read_text())
         for model in cfg["models"]:

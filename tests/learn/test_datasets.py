@@ -1,4 +1,4 @@
-"""Training datasets and CT augmentation (learn/data.py)."""
+"""Training datasets and CT augmentation (learn/datasets.py)."""
 
 from __future__ import annotations
 

@@ -347,7 +347,7 @@ def _bad_tile_input(case: str, root: Path, tile: dict) -> list[str]:
         return [str(scan), "truncated"]
     if case == "slice-stride-zero":
         tile["slice_stride"] = 0
-        return ["tile.slice_stride=0", "must be >= 1"]
+        return ["params.yaml: tile.slice_stride: must be a positive integer, got 0"]
     raise AssertionError(case)
 
 

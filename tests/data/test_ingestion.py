@@ -11,15 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from test_volume import simulate_missing_imagecodecs
 
 from bonedamage.data.ingestion import IngestError, IngestRequest, ingest_scans, read_batch_csv
 from bonedamage.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from bonedamage.data.volume import open_volume, sha256_file
-from test_volume import simulate_missing_imagecodecs
+from conftest import REAL_STACK, REPO
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-
-REAL_STACK = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "lhdl-3155-trabecular"
+PARAMS = REPO / "params.yaml"
 
 
 # -- fixtures: small scans written with tifffile ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Optuna search (learn/search.py): small studies, resume, four workers on one storage."""
+"""Optuna search (learn/study.py): small studies, resume, four workers on one storage."""
 
 from __future__ import annotations
 
@@ -197,11 +197,14 @@ def test_storage_urls_and_pruners(tmp_path: Path) -> None:
     assert isinstance(search.make_pruner({"kind": "hyperband"}, 5), optuna.pruners.HyperbandPruner)
     with pytest.raises(ValueError, match="pruner"):
         search.make_pruner({"kind": "nope"}, 5)
+    with pytest.raises(ValueError, match=r"search\.pruner\.percentile: unknown key"):
+        search.make_pruner({"kind": "median", "percentile": 25}, 5)  # a median has none
 
 
 @pytest.mark.parametrize(("kind", "pruned"), [("median", False), ("percentile", True)])
 def test_percentile_pruner_keeps_only_the_top_quarter(kind: str, pruned: bool) -> None:
-    cfg = {"kind": kind, "percentile": 25, "n_startup_trials": 0, "n_warmup_steps": 0}
+    cfg = {"kind": kind, "n_startup_trials": 0, "n_warmup_steps": 0}
+    cfg |= {"percentile": 25} if kind == "percentile" else {}
     study = optuna.create_study(direction="maximize", pruner=search.make_pruner(cfg, 4))
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for value in (0.5, 0.6, 0.7, 0.8):  # median 0.65, top-quarter cut 0.725

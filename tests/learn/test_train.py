@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bonedamage.config import ConfigError, load_params
 from bonedamage.data.tilestore import TileStore
 from bonedamage.learn.datasets import TileDataset, make_loader, split_rows
 from bonedamage.learn.models import build_cnn
@@ -22,7 +23,7 @@ from bonedamage.learn.train import (
     resolve_device,
     seed_everything,
 )
-from conftest import CHANNELS
+from conftest import CHANNELS, REPO
 from conftest import TINY_ARCH as ARCH
 
 
@@ -157,3 +158,16 @@ def test_the_numerics_platform_names_the_cpu_and_its_instruction_set() -> None:
     assert got["cpu"] and got["machine"] and got["threads"] == str(torch.get_num_threads())
     if Path("/proc/cpuinfo").is_file():
         assert " family " in got["cpu"] and " model " in got["cpu"]
+
+
+def test_train_config_defaults_are_the_params_train_section() -> None:
+    """One place for the defaults: TrainConfig() is params.yaml's ``train`` section."""
+    train = load_params(REPO / "params.yaml")["train"]
+    defaults = dataclasses.asdict(TrainConfig())
+    assert {k: defaults[k] for k in train} == train
+
+
+def test_an_unknown_training_setting_is_an_error_not_dropped() -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting.*lr_shedule"):
+        TrainConfig.from_params({"epochs": 2}, lr_shedule="cosine")
+    assert TrainConfig.from_params({"epochs": 2}, lr=0.1).lr == 0.1

@@ -1,4 +1,4 @@
-"""Whole-scan prediction (explain/predict.py): same tiles as training, maps, bad input."""
+"""Whole-scan prediction (explain/scan.py): same tiles as training, maps, bad input."""
 
 from __future__ import annotations
 

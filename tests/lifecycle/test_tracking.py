@@ -50,7 +50,9 @@ def test_search_is_a_parent_run_with_one_nested_run_per_trial(
     search = {**learn_params["search"], "storage": str(tmp_path / "s.journal")}
     store_cfg = {"db": str(tmp_path / "t.db"), "artifacts": "art", "experiment": "test"}
     path = write_params(tmp_path / "params.yaml", learn_params, search=search, mlflow=store_cfg)
-    run_search(path, "cortical", *learn_data, tmp_path / "best.json", tmp_path / "reports")
+    run_search(
+        path, "cortical", *learn_data, out=tmp_path / "best.json", reports=tmp_path / "reports"
+    )
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["summary"]["trials"] == 3
     found = mlflow.search_runs(experiment_names=["test"], output_format="list")
