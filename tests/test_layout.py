@@ -123,12 +123,17 @@ def test_dvc_yaml_code_deps_are_the_stage_modules_import_closure(stage: str) -> 
         )
 
 
+# where runs are tracked (params mlflow, like MLFLOW_TRACKING_URI) changes no output: a
+# stage that reads it does not rerun when it changes
+NOT_AN_INPUT = {"mlflow"}
+
+
 @pytest.mark.parametrize("stage", _stage_names())
 def test_dvc_yaml_params_are_the_sections_the_stage_declares(stage: str) -> None:
     declared = set(importlib.import_module(f"bonedamage.stages.{stage}").PARAMS)
     for body in _instances(stage):
         listed = {str(p).split(".")[0] for p in body.get("params", [])}
-        assert listed == declared
+        assert listed == declared - NOT_AN_INPUT
 
 
 @pytest.mark.parametrize("stage", sorted(c.replace("-", "_") for c in cli.COMMANDS))
