@@ -179,7 +179,7 @@ def small_synth(params: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 def small_dataset(tmp_path_factory: pytest.TempPathFactory, params: dict[str, Any]) -> Path:
     """Small phantom dataset with an intermediate load step (read-only for tests)."""
     root = tmp_path_factory.mktemp("small") / "raw"
-    generate_dataset(small_synth(params, load_steps=[0.0, 0.75, 1.0]), root, progress=False)
+    generate_dataset(small_synth(params, load_steps=[0.0, 0.9, 1.0]), root, progress=False)
     return root
 
 

@@ -231,16 +231,19 @@ class TrabecularStructure(_Section):
 
 
 class TrabecularFailure(_Section):
-    """Compaction band, buckling and strut fractures of a failed trabecular specimen."""
+    """Compaction band and the buckling, fracture and crushing of its rods."""
 
     band_height_frac: PosRange
     band_centre_jitter_frac: NonNegReal
     band_strain: Annotated[list[BelowOne], _PAIR]  # compaction divides by 1 - strain
-    buckle_amplitude_um: NonNegRange
-    buckle_length_um: PosReal
-    fractures: NonNegInt
-    thin_strut_um: PosReal
-    fracture_gap_um: PosReal
+    lateral_flow_um: NonNegRange
+    lateral_flow_length_um: PosReal
+    effective_length_factor: PosReal
+    bending_strain_at_fracture: PosReal
+    hinge_jitter: Annotated[float, _real(ge=0, lt=0.5)]
+    fracture_slip_frac: NonNegRange
+    fracture_overlap_frac: NonNegRange
+    fracture_surface_um: NonNegReal
 
 
 class CorticalStructure(_Section):
@@ -257,14 +260,21 @@ class CorticalStructure(_Section):
 
 
 class CorticalFailure(_Section):
-    """Diffuse microcracks (and maybe one macro crack) of a failed cortical specimen."""
+    """Microcracks (and maybe one macro crack) of a failed cortical specimen: the
+    distributions they are drawn from (sources in ``data/synth/cortical.py``)."""
 
-    crack_count: CountRange
-    crack_length_um: PosRange  # drawn log-uniformly
-    crack_aperture_um: PosRange
-    crack_angle_deg: RealRange
+    crack_density_median_per_mm3: PosReal  # lognormal density; Poisson count, at least 1
+    crack_density_log_sd: NonNegReal
+    crack_length_median_um: PosReal  # lognormal 3D length (long axis)
+    crack_length_log_sd: NonNegReal
+    crack_aspect_median: AtLeastOne  # lognormal length / width, clipped at >= 1
+    crack_aspect_log_sd: NonNegReal
+    crack_aperture_um: PosRange  # uniform
+    crack_angle_deg: Annotated[list[Annotated[float, _real(ge=0, le=90)]], _PAIR]  # to z
+    interstitial_share: Fraction
     shear_band_width_frac: PosReal
     in_band_share: Fraction
+    max_redraws: NonNegInt
     macro_crack_probability: Fraction
     macro_aperture_um: PosRange
 
@@ -321,7 +331,6 @@ class SynthSection(_Section):
     specimens_per_tissue: PosInt
     load_steps: Annotated[list[Fraction], _NONEMPTY]  # 0 = pristine, 1 = failed
     yield_step: Fraction
-    mask_min_change: Fraction
     workers: PosInt = 1  # processes; the output does not depend on it
     pose: SynthPose
     trabecular: SynthTrabecular
@@ -332,11 +341,18 @@ class SynthSection(_Section):
 
 
 class DescribeSection(_Section):
-    """``bonedamage describe``: morphometry and damage coverage of the raw data."""
+    """``bonedamage describe``: morphometry, microdamage and damage coverage of the raw data."""
 
     slice_stride: PosInt
     min_specimen_fraction: Fraction
     visible_damage_fraction: Fraction
+    # Gaussian smoothing (voxels) before Otsu's threshold, per tissue
+    smooth_sigma_vox: dict[Tissue, NonNegReal] = {
+        "cortical": 0.5,
+        "trabecular": 1.0,
+    }
+    min_component_voxels: PosInt = 8  # smaller crack/fracture components have no shape
+    workers: PosInt = 1  # processes; the output does not depend on it
 
 
 class TissueLengths(_Section):

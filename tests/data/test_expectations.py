@@ -46,7 +46,7 @@ def make_tables() -> Tables:
                         "applied_strain": 0.01 * step,
                         "voxel_size_um": voxel,
                         "path": f"{tissue}/{scan}.tif",
-                        "mask_path": f"{tissue}/{scan}_mask.tif",
+                        "mask_path": f"{tissue}/{scan}_labels.tif",
                         "shape": "32x64x64",
                         "dtype": "uint16",
                         "sha256": f"{len(scans):064x}",

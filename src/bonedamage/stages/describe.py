@@ -1,5 +1,6 @@
-"""Describe the data root (``describe``): per tissue, the morphometry of the pristine scans and
-the share of failed scans' tiles that show damage, as a DVC metrics file."""
+"""Describe the data root (``describe``): a realism report of every scan (morphometry,
+microdamage per component, damage coverage, collapse-band BV/TV ratio) per scan and per
+tissue and state, as a DVC metrics file. Methods: docs/phantoms.md."""
 
 from __future__ import annotations
 

@@ -147,12 +147,12 @@ def test_global_intensity_statistics_do_not_reveal_the_state(
     assert scores.mean() <= 0.80
 
 
-# -- damage masks --------------------------------------------------------------------------
+# -- damage labels -------------------------------------------------------------------------
 @pytest.mark.parametrize("tissue", ["cortical", "trabecular"])
-def test_mask_on_disk_is_the_voxels_the_damage_changed(
+def test_labels_on_disk_are_the_damage_of_the_truth_on_bone_only(
     params: dict, small_dataset: Path, tissue: str
 ) -> None:
-    cfg = small_synth(params, load_steps=[0.0, 0.75, 1.0])
+    cfg = small_synth(params, load_steps=[0.0, 0.9, 1.0])
     phantom = generate.build_specimen(cfg, tissue, 0)
     manifest = read_manifest(small_dataset)
     rows = manifest[manifest.tissue == tissue].sort_values("load_step")
@@ -160,33 +160,34 @@ def test_mask_on_disk_is_the_voxels_the_damage_changed(
     assert list(rows.state) == ["pristine", "intermediate", "failed"]
     for k, row in enumerate(rows.itertuples(index=False)):
         truth = generate.scan_truth(cfg, tissue, phantom, k)
-        mask = load(small_dataset, row.mask_path)
-        changed = np.abs(truth["bone"] - truth["bone_undamaged"]) >= cfg["mask_min_change"]
-        assert np.array_equal(mask.astype(bool), changed & (truth["inside"] >= 0.5) & fov(mask))
+        labels = load(small_dataset, row.mask_path)
+        assert labels.dtype == np.uint8
+        assert np.array_equal(labels, truth["labels"])
         if row.state == "pristine":
-            assert not mask.any()
-        else:
-            assert mask.any()
-            # elsewhere in the specimen the damaged and undamaged bone agree within the threshold
-            seen = (truth["inside"] >= 0.5) & fov(mask) & ~mask.astype(bool)
-            diff = np.abs(truth["bone"] - truth["bone_undamaged"])[seen]
-            assert diff.max() < cfg["mask_min_change"]
-
-
-def fov(mask: np.ndarray) -> np.ndarray:
-    from bonedamage.data.synth.imaging import fov_mask
-
-    return fov_mask(mask.shape[1:])[None]
+            assert not labels.any()
+            continue
+        assert labels.any()
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+        assert not (labels[truth["inside"] < 0.5]).any()  # inside the specimen only
+        if tissue == "trabecular":  # buckled and broken bone: damaged voxels are bone
+            assert (truth["bone"][labels > 0] >= 0.5).mean() > 0.95
+            assert set(np.unique(labels)) <= {0, 2, 3}
 
 
 def test_damage_accumulates_with_load_step(small_dataset: Path) -> None:
     manifest = read_manifest(small_dataset)
+    meta = json.loads((small_dataset / generate.PHANTOMS_NAME).read_text())
     assert manifest.specimen_id.nunique() == 2  # the loop below runs for both specimens
-    for _, rows in manifest.groupby("specimen_id"):
+    for specimen, rows in manifest.groupby("specimen_id"):
         counts = [
-            int(load(small_dataset, r).sum()) for r in rows.sort_values("load_step").mask_path
+            int((load(small_dataset, r) > 0).sum()) for r in rows.sort_values("load_step").mask_path
         ]
-        assert counts[0] == 0 < counts[1] < counts[2]
+        assert counts[0] == 0 < counts[1] and counts[2] > 0
+        scans = meta[specimen]["scans"]
+        keys = ("buckled_struts", "broken_struts", "n_damage_features")
+        for key in (k for k in keys if k in scans[0]):
+            features = [scan[key] for scan in scans]
+            assert features == sorted(features) and features[-1] > 0, key
 
 
 def test_cortical_cracks_are_dark_thin_and_oblique(small_dataset: Path) -> None:
@@ -226,6 +227,7 @@ def test_trabecular_damage_is_confined_to_the_collapse_band(params: dict, tmp_pa
     # the default band spans the whole field of view; a narrow one shows the confinement
     cfg = small_synth(params, load_steps=[0.0, 1.0])
     cfg["trabecular"]["failure"]["band_height_frac"] = [0.4, 0.5]
+    cfg["trabecular"]["shape"] = [80, 96, 96]  # a band taller than a strut, struts in view
     cfg["cortical"]["shape"] = [16, 16, 16]
     generate_dataset(cfg, tmp_path / "raw", progress=False)
     manifest = read_manifest(tmp_path / "raw")
@@ -336,7 +338,7 @@ def test_default_synth_reproduces_the_version_in_data_dvc(default_dataset: Path,
     assert recorded_after_commit() == committed
     assert subprocess.run([*dvc, "status", "--quiet", "data.dvc"], cwd=repo).returncode == 0
     # and the check can fail: one changed byte is a different data version
-    victim = next((repo / "data" / "raw" / "cortical").glob("*_mask.tif"))
+    victim = next((repo / "data" / "raw" / "cortical").glob("*_labels.tif"))
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))

@@ -165,6 +165,14 @@ def sample(
     return out.astype(field.dtype, copy=False)
 
 
+def specimen_to_scan(points: np.ndarray, shape: tuple[int, int, int], pose: Pose) -> np.ndarray:
+    """Scan voxel indices ``(n, 3)`` of centred specimen points ``(n, 3)``: the inverse of
+    :func:`scan_to_specimen`."""
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    rot = rotation_matrix(pose.angles_deg)
+    return np.asarray(points, dtype=np.float64) @ rot.T + np.asarray(pose.shift_vox) + centre
+
+
 @dataclass(frozen=True)
 class AxialDeformation:
     """Backward map of uniaxial compression along z, optionally with a collapse band.
@@ -199,6 +207,32 @@ class AxialDeformation:
         inside = mid + (z - mid) / (1.0 - self._in_band_strain())
         above = self.b1 + (z - hi) / (1.0 - self.elastic)
         return np.where(z < lo, below, np.where(z <= hi, inside, above))
+
+    def forward_z(self, z: np.ndarray) -> np.ndarray:
+        """Deformed z for reference z (the inverse of :meth:`inverse_z`)."""
+        if self.band <= 0:
+            return z * (1.0 - self.elastic)
+        mid = (self.b0 + self.b1) / 2.0
+        lo, hi = self.band_deformed
+        below = lo + (z - self.b0) * (1.0 - self.elastic)
+        inside = mid + (z - mid) * (1.0 - self._in_band_strain())
+        above = hi + (z - self.b1) * (1.0 - self.elastic)
+        return np.where(z < self.b0, below, np.where(z <= self.b1, inside, above))
+
+    def forward(self, points: np.ndarray) -> np.ndarray:
+        """Deformed specimen coordinates of reference points ``(n, 3)`` (centred).
+
+        Inverts :meth:`apply`: z exactly, the lateral buckle by fixed-point iteration.
+        """
+        points = np.asarray(points, dtype=np.float64)
+        out = points.copy()
+        out[:, 0] = self.forward_z(points[:, 0])
+        if self.buckle is None or self.band <= 0:
+            return out
+        for _ in range(3):
+            back = self.apply(out.T.astype(np.float32)).T
+            out[:, 1:] += points[:, 1:] - back[:, 1:]
+        return out
 
     def without_damage(self) -> AxialDeformation:
         """Comparison map: identical outside the band, only elastic strain inside it."""

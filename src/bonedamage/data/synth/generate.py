@@ -1,10 +1,11 @@
-"""The ``synth`` stage: write the phantom dataset (scans, damage masks, manifest).
+"""The ``synth`` stage: write the phantom dataset (scans, damage labels, manifest).
 
 For each tissue and specimen: build the pristine structure once, draw the failure it
 will have, then for every load step sample the (damaged) structure through that step's
 mechanics and a fresh rigid pose, image it, and write the scan and its ground-truth
-damage mask. Specimens are independent (each has its own seed sequence), so the output
-bytes do not depend on the number of worker processes.
+damage label volume (:mod:`bonedamage.data.labels`). Specimens are independent (each has
+its own seed sequence), so the output bytes do not depend on the number of worker
+processes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from bonedamage.data.manifest import (
     write_manifest,
 )
 from bonedamage.data.synth import cortical, imaging, trabecular
-from bonedamage.data.synth.fields import AxialDeformation, Pose, sample, scan_to_specimen
+from bonedamage.data.synth.fields import (
+    AxialDeformation,
+    Pose,
+    sample,
+    scan_to_specimen,
+    specimen_to_scan,
+)
 from bonedamage.data.volume import write_volume
 
 PHANTOMS_NAME = "phantoms.json"
@@ -147,9 +154,9 @@ def generate_specimen(cfg: dict[str, Any], tissue: str, index: int, root: Path) 
         state = state_of(step)
         scan_id = f"{specimen_id}-{k}-{state}"
         path = folder / f"{scan_id}.tif"
-        mask_path = folder / f"{scan_id}_mask.tif"
+        mask_path = folder / f"{scan_id}_labels.tif"
         digest = write_volume(path, iter(scan["image"]), shape, scan["image"].dtype, voxel)
-        write_volume(mask_path, iter(scan["mask"]), shape, np.uint8, voxel, compression="zlib")
+        write_volume(mask_path, iter(scan["labels"]), shape, np.uint8, voxel, compression="zlib")
         rows.append(
             {
                 "scan_id": scan_id,
@@ -221,12 +228,7 @@ def build_specimen(cfg: dict[str, Any], tissue: str, index: int) -> dict[str, An
         params = cortical.draw_params(s_struct, tcfg["structure"])
         spec = cortical.build(s_struct, params, ref_shape, voxel)
         failure = cortical.draw_failure(s_fail, tcfg["failure"], spec, ref_shape, voxel)
-        failure_meta = {
-            "n_cracks": len(failure["cracks"]),
-            "macro_crack": failure["macro"] is not None,
-            "band_normal": failure["band_normal"],
-            "band_half_width_vox": failure["band_half_width"],
-        }
+        failure_meta = cortical.failure_meta(failure)
     radius_frac = float(s_inst.uniform(*tcfg["specimen_radius_frac"]))
     instrument = imaging.draw_instrument(s_inst, tcfg["imaging"])
     return {
@@ -243,99 +245,94 @@ def build_specimen(cfg: dict[str, Any], tissue: str, index: int) -> dict[str, An
     }
 
 
-def damaged_structures(
-    cfg: dict[str, Any], phantom: dict[str, Any], step: float
-) -> tuple[np.ndarray, AxialDeformation, AxialDeformation, dict[str, Any]]:
-    """Damaged reference occupancy and the damaged/comparison maps of a load step."""
-    tissue, tcfg = phantom["tissue"], cfg[phantom["tissue"]]
-    severity = severity_of(step, cfg["yield_step"])
-    elastic = (
-        float(tcfg["elastic_strain"]) * min(step / cfg["yield_step"], 1.0)
-        if cfg["yield_step"] > 0
-        else float(tcfg["elastic_strain"])
-    )
-    occ = phantom["spec"].occupancy
-    if tissue == "trabecular":
-        occ_dam, n_damage = trabecular.fracture(
-            occ,
-            phantom["failure"],
-            tcfg["failure"],
-            severity,
-            phantom["origin"],
-            float(tcfg["voxel_size_um"]),
-        )
-        deform = trabecular.deformation(phantom["failure"], severity, elastic)
-    else:
-        occ_dam, n_damage = cortical.crack(occ, phantom["failure"], severity)
-        deform = AxialDeformation(elastic=elastic)
-    return (
-        occ_dam,
-        deform,
-        deform.without_damage(),
-        {"severity": severity, "n_damage_features": n_damage, "elastic_strain": elastic},
-    )
+def _elastic_strain(cfg: dict[str, Any], tcfg: dict[str, Any], step: float) -> float:
+    """Elastic strain at a load step: rises to the tissue's value at the yield step."""
+    if cfg["yield_step"] <= 0:
+        return float(tcfg["elastic_strain"])
+    return float(tcfg["elastic_strain"]) * min(step / cfg["yield_step"], 1.0)
 
 
 def scan_truth(cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int) -> dict[str, Any]:
     """Ground truth of load step ``k`` in the scan frame, before imaging.
 
-    ``bone`` is the (damaged) bone fraction per voxel, ``bone_undamaged`` the same
-    specimen under the same pose and the same mechanics minus the damage, ``inside`` the
-    specimen's partial-volume mask, and ``mask`` the damage mask: voxels in the specimen
-    and field of view whose bone fraction the damage changed by ``mask_min_change`` or more.
+    ``bone`` is the (damaged) bone fraction per voxel, ``inside`` the specimen's
+    partial-volume mask and ``labels`` the damage labels (:mod:`bonedamage.data.labels`)
+    inside the specimen and the field of view. Cortical cracks are cut in the reference
+    frame and sampled through the step's compression; trabecular bone follows the collapse
+    band's compaction except its buckled rods, placed rigidly in the deformed specimen.
     """
     tcfg = cfg[tissue]
     step = float(cfg["load_steps"][k])
     shape = tuple(int(s) for s in tcfg["shape"])
+    voxel = float(tcfg["voxel_size_um"])
     pose = Pose.random(
         np.random.default_rng(child_seed(phantom["scan_seeds"][k], 0)), **cfg["pose"]
     )
-    occ_dam, deform, compare, meta = damaged_structures(cfg, phantom, step)
+    severity = severity_of(step, cfg["yield_step"])
+    elastic = _elastic_strain(cfg, tcfg, step)
+    spec, origin = phantom["spec"], phantom["origin"]
     spec_coords = scan_to_specimen(shape, pose)
-    origin = phantom["origin"]
-    ref_dam = deform.apply(spec_coords)
-    bone = sample(occ_dam, ref_dam, origin)
-    mineral = sample(phantom["spec"].mineral, ref_dam, origin)
-    bone_cmp = (
-        sample(phantom["spec"].occupancy, compare.apply(spec_coords), origin)
-        if meta["severity"] > 0
-        else bone
-    )
+    meta: dict[str, Any] = {"severity": severity, "elastic_strain": elastic}
+    if tissue == "trabecular":
+        failure, fcfg = phantom["failure"], tcfg["failure"]
+        deform = trabecular.deformation(failure, severity, elastic)
+        mech = trabecular.strut_mechanics(spec, failure, fcfg, severity, origin, elastic)
+        compacted = trabecular.collapse(spec, mech, deform, origin)
+        moves = trabecular.strut_moves(spec, failure, fcfg, mech, deform, origin, voxel)
+        ref = deform.apply(spec_coords)
+        bone = sample(compacted, spec_coords, origin)
+        moved, labels = trabecular.render_moves(
+            spec,
+            moves,
+            spec_coords,
+            lambda points: specimen_to_scan(points, shape, pose),
+            origin,
+            fcfg["fracture_surface_um"] / voxel,
+        )
+        bone = np.maximum(bone, moved)
+        meta.update(
+            buckled_struts=int(mech["buckled"].sum()),
+            broken_struts=int(mech["broken"].sum()),
+            band_z_scan=_band_rows(deform, shape, pose) if severity > 0 else None,
+        )
+    else:
+        deform = AxialDeformation(elastic=elastic)
+        occ, labels_ref, n_cracks = cortical.crack(spec.occupancy, phantom["failure"], severity)
+        ref = deform.apply(spec_coords)
+        bone = sample(occ, ref, origin)
+        labels = sample(labels_ref, ref, origin, order=0)
+        meta.update(n_damage_features=n_cracks)
+    mineral = sample(spec.mineral, ref, origin)
     radial = np.hypot(spec_coords[1], spec_coords[2])
     inside = np.clip(phantom["radius"] - radial + 0.5, 0.0, 1.0).astype(np.float32)
-    mask = (
-        (np.abs(bone - bone_cmp) >= cfg["mask_min_change"])
-        & (inside >= 0.5)
-        & imaging.fov_mask(shape[1:])[None]
-    ).astype(np.uint8)
+    seen = (inside >= 0.5) & imaging.fov_mask(shape[1:])[None]
+    labels = np.where(seen, labels, 0).astype(np.uint8)
     meta.update(
         pose=pose.as_dict(),
-        damaged_voxels=int(mask.sum()),
-        bone_fraction_in_specimen=float(
-            ((bone >= 0.5) & (inside >= 0.5)).sum() / max(float((inside >= 0.5).sum()), 1.0)
-        ),
+        damaged_voxels=int((labels > 0).sum()),
+        bone_fraction_in_specimen=float(((bone >= 0.5) & seen).sum() / max(float(seen.sum()), 1.0)),
     )
-    return {
-        "bone": bone,
-        "bone_undamaged": bone_cmp,
-        "mineral": mineral,
-        "inside": inside,
-        "mask": mask,
-        "meta": meta,
-    }
+    return {"bone": bone, "mineral": mineral, "inside": inside, "labels": labels, "meta": meta}
+
+
+def _band_rows(deform: AxialDeformation, shape: tuple[int, ...], pose: Pose) -> list[int]:
+    """Scan rows ``[z0, z1]`` of the collapse band (clipped to the scan)."""
+    lo, hi = deform.band_deformed
+    z = specimen_to_scan(np.array([[lo, 0.0, 0.0], [hi, 0.0, 0.0]]), shape, pose)[:, 0]
+    return [int(max(np.ceil(z.min()), 0)), int(min(np.floor(z.max()), shape[0] - 1))]
 
 
 def render_scan(
     cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int
 ) -> dict[str, Any]:
-    """Image (in the configured dtype) and damage mask (uint8 0/1) of load step ``k``."""
+    """Image (in the configured dtype) and damage labels (uint8) of load step ``k``."""
     truth = scan_truth(cfg, tissue, phantom, k)
     noise_seed = child_seed(phantom["scan_seeds"][k], 1)
     icfg = cfg[tissue]["imaging"]
     mu = imaging.attenuation(truth["bone"], truth["mineral"], truth["inside"], icfg)
     img = imaging.acquire(mu, phantom["instrument"], icfg, np.random.default_rng(noise_seed))
     out = imaging.quantise(img, cfg["dtype"], tuple(icfg["window"]))
-    return {"image": out, "mask": truth["mask"], "meta": truth["meta"]}
+    return {"image": out, "labels": truth["labels"], "meta": truth["meta"]}
 
 
 def _check_config(cfg: dict[str, Any]) -> None:
