@@ -352,6 +352,7 @@ class DescribeSection(_Section):
         "trabecular": 1.0,
     }
     min_component_voxels: PosInt = 8  # smaller crack/fracture components have no shape
+    merge_gap_vox: NonNegInt = 1  # damage voxels this close belong to one component
     workers: PosInt = 1  # processes; the output does not depend on it
 
 

@@ -15,15 +15,16 @@ from bonedamage.data.volume import write_volume
 def crack_disc(
     shape: tuple[int, int, int], semi: tuple[float, float, float], angle_deg: float
 ) -> np.ndarray:
-    """A solid ellipsoid with semi-axes (long, wide, thin), its long axis ``angle_deg`` from z
-    in the z-x plane, its wide axis along y."""
+    """A flat elliptical disc of even thickness (a rasterised crack a few voxels wide):
+    semi-axes (long, wide, half thickness), its long axis ``angle_deg`` from z in the z-x
+    plane, its wide axis along y."""
     c = (np.array(shape) - 1) / 2
     zz, yy, xx = (g - o for g, o in zip(np.indices(shape), c, strict=True))
     t = np.radians(angle_deg)
     along = zz * np.cos(t) + xx * np.sin(t)
     across = -zz * np.sin(t) + xx * np.cos(t)
     a, b, c_ = semi
-    return (along / a) ** 2 + (yy / b) ** 2 + (across / c_) ** 2 <= 1
+    return ((along / a) ** 2 + (yy / b) ** 2 <= 1) & (np.abs(across) <= c_)
 
 
 def test_a_drawn_crack_has_its_length_width_aperture_and_angle() -> None:
@@ -55,6 +56,20 @@ def test_diagonal_neighbours_are_one_component() -> None:
     mask = np.zeros((6, 6, 6), bool)
     mask[1, 1, 1] = mask[2, 2, 2] = mask[3, 3, 3] = True  # touching by corners only
     assert damage.component_shapes(mask, 1.0)["voxels"].tolist() == [3.0]
+
+
+def test_a_crack_broken_by_a_one_voxel_gap_counts_once_when_gaps_are_joined() -> None:
+    mask = np.zeros((5, 40, 40), dtype=bool)
+    mask[2, 20, 2:18] = True
+    mask[2, 20, 19:37] = True  # the same crack, its opening below a voxel at x = 18
+    apart = damage.component_shapes(mask, 1.0, gap_vox=0)
+    joined = damage.component_shapes(mask, 1.0, gap_vox=1)
+    assert apart["voxels"].tolist() == [16, 18]
+    assert joined["voxels"].tolist() == [34]
+    assert joined["length_um"][0] > 35  # one 35-voxel crack
+    # two cracks three voxels apart stay two
+    mask[2, 20, 18:21] = False
+    assert damage.component_shapes(mask, 1.0, gap_vox=1)["voxels"].size == 2
 
 
 def test_damage_measures_per_label_kind() -> None:

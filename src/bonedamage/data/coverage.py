@@ -40,6 +40,7 @@ _ID_COLUMNS = ("scan_id", "specimen_id", "tissue", "state")
 DEFAULTS: dict[str, Any] = {
     "smooth_sigma_vox": {"cortical": 0.5, "trabecular": 1.0},
     "min_component_voxels": 8,
+    "merge_gap_vox": 1,
     "workers": 1,
 }
 
@@ -65,6 +66,7 @@ def measure_scan(
     mask_path: Path | None = None,
     band: list[int] | None = None,
     min_voxels: int = DEFAULTS["min_component_voxels"],
+    merge_gap_vox: int = DEFAULTS["merge_gap_vox"],
 ) -> dict[str, float]:
     """Morphometry of one scan inside its field of view, and its damage when labelled.
 
@@ -89,7 +91,7 @@ def measure_scan(
         out = morphometry.cortical(bone, voxel_um, fov)
     if mask_path is not None:
         labels = read_stack(mask_path)
-        out.update(damage.damage_measures(labels, bone, fov, voxel_um, min_voxels))
+        out.update(damage.damage_measures(labels, bone, fov, voxel_um, min_voxels, merge_gap_vox))
     return out
 
 
@@ -144,6 +146,7 @@ def _scan_job(job: dict[str, Any]) -> dict[str, Any]:
             mask_path=job["mask_path"],
             band=job["band"],
             min_voxels=job["min_voxels"],
+            merge_gap_vox=job["merge_gap_vox"],
         )
     )
     if job["mask_path"] is not None:
@@ -177,6 +180,7 @@ def describe_dataset(
                 "voxel_um": float(row.voxel_size_um),
                 "smooth_vox": float(smooth[row.tissue]),
                 "min_voxels": int(cfg["min_component_voxels"]),
+                "merge_gap_vox": int(cfg["merge_gap_vox"]),
                 "mask_path": (
                     confined(data_root, row.mask_path, what=f"scan {row.scan_id}: mask_path")
                     if labelled
