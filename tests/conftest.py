@@ -206,6 +206,11 @@ def learn_params(params: dict[str, Any]) -> dict[str, Any]:
     """params.yaml shrunk for learning tests: 16 px tiles, 1-2 epochs, few trials."""
     p = copy.deepcopy(params)
     p["synth"] = small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0])
+    # plenty of damage in these small volumes, so that tiny models learn it in seconds
+    p["synth"]["cortical"]["failure"]["crack_density_median_per_mm3"] = 15000
+    p["synth"]["trabecular"]["failure"].update(
+        band_strain=[0.2, 0.22], effective_length_factor=1.0, bending_strain_at_fracture=0.05
+    )
     # every 4th plane, whatever the default: the learning tests' data stay the same
     p["tile"].update(tile_um={"cortical": 25.6, "trabecular": 320.0}, slice_stride=4)
     # 2.5-D tiles of CHANNELS planes, 2 planes apart (1.6 um cortical, 20 um trabecular)
