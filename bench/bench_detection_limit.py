@@ -340,7 +340,7 @@ def plot(rows: pd.DataFrame, path: Path, settings: str) -> None:
         top.plot(sub["x"], sub["roc_auc"], "^:", label="tile ROC-AUC")
         top.plot(sub["x"], sub["scan_acc"], "s--", label="scan accuracy")
         top.axhline(0.5, color="grey", lw=0.8, ls=":")
-        top.set_ylim(0.3, 1.03)
+        top.set_ylim(0.0, 1.03)
         top.set_ylabel("test score")
         top.set_title(tissue)
         bottom.plot(sub["x"], sub["cam_energy_ratio"], "o-", label="Grad-CAM")

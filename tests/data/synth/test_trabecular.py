@@ -82,7 +82,7 @@ def test_buckled_struts_keep_their_bone(cfg: dict, phantom: dict) -> None:
     fcfg = cfg["trabecular"]["failure"]
     mech = trabecular.strut_mechanics(spec, failure, fcfg, 1.0, origin, 0.005)
     deform = trabecular.deformation(failure, 1.0, 0.005)
-    moves = trabecular.strut_moves(spec, failure, fcfg, mech, deform, origin, 20.0)
+    moves = trabecular.strut_moves(spec, failure, fcfg, mech, deform, origin)
     assert moves
     shape = spec.occupancy.shape  # a scan grid as large as the reference: every part seen
     pose = Pose((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))

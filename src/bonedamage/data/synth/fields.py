@@ -181,7 +181,7 @@ class AxialDeformation:
     about its mid-plane (which stays put); outside it the strain is ``elastic``. All
     strains are compressive and positive. ``buckle`` adds a lateral displacement
     (2, y, x) voxels scaled by ``sin(pi*s)`` across the deformed band (s from 0 to 1): the
-    bowing of buckled struts.
+    band's smooth sideways flow (the struts' own buckling is drawn per strut).
     """
 
     elastic: float

@@ -278,7 +278,7 @@ def scan_truth(cfg: dict[str, Any], tissue: str, phantom: dict[str, Any], k: int
         deform = trabecular.deformation(failure, severity, elastic)
         mech = trabecular.strut_mechanics(spec, failure, fcfg, severity, origin, elastic)
         compacted = trabecular.collapse(spec, mech, deform, origin)
-        moves = trabecular.strut_moves(spec, failure, fcfg, mech, deform, origin, voxel)
+        moves = trabecular.strut_moves(spec, failure, fcfg, mech, deform, origin)
         ref = deform.apply(spec_coords)
         bone = sample(compacted, spec_coords, origin)
         moved, labels = trabecular.render_moves(

@@ -381,7 +381,6 @@ def strut_moves(
     mech: dict[str, np.ndarray],
     deform: AxialDeformation,
     origin: np.ndarray,
-    voxel_um: float,
 ) -> list[dict[str, Any]]:
     """Rigid placement of each part of every buckled strut in the deformed specimen.
 
