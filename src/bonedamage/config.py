@@ -274,6 +274,8 @@ class CorticalFailure(_Section):
     interstitial_share: Fraction
     shear_band_width_frac: PosReal
     in_band_share: Fraction
+    deflection_share: Fraction  # cracks a cement line deflects rather than arrests
+    deflection_um: NonNegRange  # uniform run along the cement line
     max_redraws: NonNegInt
     macro_crack_probability: Fraction
     macro_aperture_um: PosRange

@@ -1,5 +1,5 @@
-"""Cortical microcracks (data/synth/cortical.py): sourced distributions, arrest at cement
-lines, lacuna links, distinct cracks, nested damage, determinism."""
+"""Cortical microcracks (data/synth/cortical.py): sourced distributions, arrest and
+deflection at cement lines, lacuna links, distinct cracks, nested damage, determinism."""
 
 from __future__ import annotations
 
@@ -109,6 +109,32 @@ def test_microcracks_stop_at_cement_lines(many: tuple) -> None:
         )
         arrested += bool((spec.osteon[free > 0] != c["home"]).any())
     assert arrested >= 2
+
+
+def test_deflected_cracks_run_along_the_cement_line_and_arrested_ones_stay_in_plane(
+    many: tuple,
+) -> None:
+    spec, fail = many
+    ids = cortical.crack_footprints(fail, spec.occupancy.shape, 1.0, spec.osteon)
+    padded = np.pad(spec.osteon, 1, mode="edge")
+    boundary = np.zeros(spec.osteon.shape, dtype=bool)  # a 6-neighbour in another region
+    for axis in range(3):
+        for shift in (-1, 1):
+            moved = np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+            boundary |= moved != spec.osteon
+    points = np.indices(spec.osteon.shape).reshape(3, -1).T.reshape(*spec.osteon.shape, 3)
+    deflected = 0
+    for k, c in enumerate(fail["cracks"]):
+        mine = ids == k + 1
+        normal = np.cross(c["d1"], c["d2"])
+        off = np.abs((points[mine] - c["centre"]) @ normal)
+        beyond = off > c["aperture"] / 2 + 2 * c["waviness"] + 1  # out of the crack's plane
+        if c["deflection"] == 0:
+            assert not beyond.any()
+        elif beyond.any():
+            assert boundary[mine][beyond].all()  # along the region's cement line only
+            deflected += 1
+    assert deflected >= 1
 
 
 def test_most_cracks_nucleate_in_interstitial_bone_when_there_is_some(

@@ -52,7 +52,10 @@ Each microcrack is a penny crack on a slightly wavy plane through its nucleation
 When a second lacuna of the same region lies within 0.9 of its half-length at an angle
 to z inside the allowed range, the long axis runs through it (cracks link lacunae). A
 crack spreads from its lacuna only through its home region (its osteon, or interstitial
-bone): it is arrested at cement lines (O'Brien et al. 2005), not deflected. The first
+bone): cement lines arrest it or deflect it (O'Brien et al. 2005; Mohsin et al., J Anat
+208 (2006) 81). A deflected crack (share ``deflection_share``, an ASSUMPTION) turns where
+it meets its region's boundary and runs along the cement line, one voxel wide, up to
+``deflection_um`` (uniform, an ASSUMPTION: tens of um) from where it met it. The first
 crack starts in the central core of the field, so the scan shows at least one. A crack
 whose opening would come within 2 voxels of an earlier one is redrawn (``max_redraws``
 times, then dropped), so distinct cracks stay distinct connected components. Damage
@@ -486,6 +489,8 @@ def _draw_crack(
     psi = band_azimuth + rng.normal(0.0, 0.5)
     waviness = float(rng.uniform(0.0, 1.0))
     phase = float(rng.uniform(0, 2 * np.pi))
+    deflects = bool(rng.random() < cfg["deflection_share"])
+    deflection_um = float(rng.uniform(*cfg["deflection_um"])) if deflects else 0.0
 
     region = (homes < 0) if interstitial else (homes >= 0)
     core = pools["core"] if first else np.ones(len(sites), dtype=bool)
@@ -531,6 +536,7 @@ def _draw_crack(
         "aperture": size["aperture_um"] / voxel_um,
         "waviness": waviness,
         "phase": phase,
+        "deflection": deflection_um / voxel_um,
         "length_um": size["length_um"],
         "width_um": size["width_um"],
         "aperture_um": size["aperture_um"],
@@ -674,7 +680,42 @@ def _crack_cut(
     mine = comp[pts]
     value = full if growth >= 1.0 else opening(growth)
     cut[tuple(p[mine] for p in pts)] = value[mine]
+    if c.get("deflection", 0.0) > 0:
+        home_box = osteon[region] == c["home"]
+        glide = _deflection(home_box, comp, pts, full > 0, c["deflection"])
+        comp |= glide
+        if growth < 1.0:  # only where the full-grown crack deflects too: nested
+            grown = np.zeros(size, dtype=bool)
+            grown[tuple(p[mine] for p in pts)] = value[mine] > 0
+            glide &= _deflection(home_box, grown, pts, value > 0, c["deflection"] * growth)
+        cut[glide] = np.maximum(cut[glide], min(1.0, c["aperture"]))
     return region, cut, comp
+
+
+def _deflection(
+    home: np.ndarray,
+    crack: np.ndarray,
+    pts: tuple[np.ndarray, ...],
+    plane: np.ndarray,
+    length: float,
+) -> np.ndarray:
+    """Where a crack deflected at its region's cement line runs along it (bool, box).
+
+    ``crack``: its voxels in its home region (``home``); ``pts``/``plane``: the voxels of
+    its full plane. Where that plane would cross out of the region next to the crack, the
+    crack turns into the region's boundary shell (one voxel thick) and runs along it up to
+    ``length`` voxels, on the side that stays connected to the crack.
+    """
+    across = np.zeros(home.shape, dtype=bool)
+    across[tuple(p[plane] for p in pts)] = True
+    contact = across & ~home & ndimage.binary_dilation(crack, _CUBE)
+    if not contact.any() or length <= 0:
+        return np.zeros(home.shape, dtype=bool)
+    shell = home & ~ndimage.binary_erosion(home, _FACES, border_value=1)
+    glide = shell & (ndimage.distance_transform_edt(~contact) <= length) & ~crack
+    parts, _ = ndimage.label(glide | crack, _CUBE)
+    touching = np.unique(parts[crack])
+    return glide & np.isin(parts, touching[touching > 0])
 
 
 def _carve_macro(occ: np.ndarray, macro: dict[str, Any]) -> np.ndarray:

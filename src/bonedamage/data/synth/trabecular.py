@@ -104,10 +104,8 @@ def build(
     """Build the pristine reference structure on a grid of ``ref_shape`` voxels."""
     spacing = params["cell_spacing_um"] / voxel_um
     aniso = params["anisotropy"]
-    step = np.array(
-        [spacing * aniso ** (2 / 3), spacing * aniso ** (-1 / 3), spacing * aniso ** (-1 / 3)]
-    )
-    seeds = _jittered_lattice(rng, ref_shape, step)
+    stretch = np.array([aniso ** (2 / 3), aniso ** (-1 / 3), aniso ** (-1 / 3)])
+    seeds = _jittered_lattice(rng, ref_shape / stretch, spacing)
     tree = cKDTree(seeds)
     plate_t = np.array(params["plate_thickness_um"]) / voxel_um
     rod_r = np.array(params["rod_diameter_um"]) / voxel_um / 2.0
@@ -123,7 +121,14 @@ def build(
         zz = np.arange(z0, z1, dtype=np.float64)[:, None, None]
         pts = np.stack(np.broadcast_arrays(zz, yy[None], xx[None]), axis=-1).reshape(-1, 3)
         parts = _occupancy(
-            tree, seeds, pts, params, plate_t, rod_r, holes[z0:z1].reshape(-1) > hole_thr
+            tree,
+            seeds,
+            stretch,
+            pts,
+            params,
+            plate_t,
+            rod_r,
+            holes[z0:z1].reshape(-1) > hole_thr,
         )
         for out, part in zip((plate, rod, edge, face), parts, strict=True):
             out[z0:z1] = part.reshape(z1 - z0, *ref_shape[1:])
@@ -134,7 +139,7 @@ def build(
         params,
         n_seeds=len(seeds),
         n_struts=len(struts["length"]),
-        lattice_step_vox=[round(float(s), 4) for s in step],
+        lattice_step_vox=[round(float(spacing * s), 4) for s in stretch],
     )
     return TrabecularSpecimen(
         np.maximum(plate, rod),
@@ -147,10 +152,8 @@ def build(
     )
 
 
-def _jittered_lattice(
-    rng: np.random.Generator, shape: tuple[int, int, int], step: np.ndarray
-) -> np.ndarray:
-    counts = [int(np.ceil(s / st)) + 3 for s, st in zip(shape, step, strict=True)]
+def _jittered_lattice(rng: np.random.Generator, shape: np.ndarray, step: float) -> np.ndarray:
+    counts = [int(np.ceil(s / step)) + 3 for s in shape]
     grid = np.stack(np.meshgrid(*[np.arange(c) for c in counts], indexing="ij"), axis=-1)
     grid = grid.reshape(-1, 3).astype(np.float64) - 1.0
     jitter = rng.uniform(-0.45, 0.45, size=grid.shape)
@@ -160,6 +163,7 @@ def _jittered_lattice(
 def _occupancy(
     tree: cKDTree,
     seeds: np.ndarray,
+    stretch: np.ndarray,
     pts: np.ndarray,
     params: dict[str, Any],
     plate_t: np.ndarray,
@@ -167,25 +171,33 @@ def _occupancy(
     in_hole: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Plate and rod occupancy of ``pts`` and the Voronoi edge (rod) and face (plate) each
-    point is nearest."""
+    point is nearest.
+
+    The cells are those of an isotropic Voronoi foam (``seeds``, in a space shrunk by
+    ``stretch``) stretched along z: distances to a face are taken back to the real grid.
+    """
+    pts = pts / stretch
     dist, idx = tree.query(pts, k=3)
     i1, i2, i3 = idx[:, 0], idx[:, 1], idx[:, 2]
     s1, s2, s3 = seeds[i1], seeds[i2], seeds[i3]
-    n12 = np.linalg.norm(s2 - s1, axis=1)
-    n13 = np.linalg.norm(s3 - s1, axis=1)
-    d_face = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2.0 * n12)
-    d_face13 = (dist[:, 2] ** 2 - dist[:, 0] ** 2) / (2.0 * n13)
+    # the bisector of s1 and s2 (normal s2 - s1 in the shrunk space) has normal
+    # (s2 - s1) / stretch on the real grid, and this real distance from a point
+    normal12 = (s2 - s1) / stretch
+    g12 = np.linalg.norm(normal12, axis=1)
+    g13 = np.linalg.norm((s3 - s1) / stretch, axis=1)
+    d_face = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2.0 * g12)
+    d_face13 = (dist[:, 2] ** 2 - dist[:, 0] ** 2) / (2.0 * g13)
     d_edge = np.hypot(d_face, d_face13)
 
     lo, hi = np.minimum(i1, i2), np.maximum(i1, i2)
-    vertical_plate = 1.0 - np.abs((s2[:, 0] - s1[:, 0]) / n12)  # 1 when the face contains z
+    vertical_plate = 1.0 - np.abs(normal12[:, 0] / g12)  # 1 when the face contains z
     p_plate = np.clip(params["plate_fraction"] * (0.4 + 1.2 * vertical_plate), 0.0, 1.0)
     is_plate = hash_uniform(lo, hi, salt=1) < p_plate
     t_plate = plate_t[0] + (plate_t[1] - plate_t[0]) * hash_uniform(lo, hi, salt=2)
     plate = soft_inside(t_plate / 2.0 - d_face) * (is_plate & ~in_hole)
 
     e = np.sort(idx, axis=1)
-    edge_dir = np.cross(s2 - s1, s3 - s1)
+    edge_dir = np.cross(s2 - s1, s3 - s1) * stretch
     vertical_rod = np.abs(edge_dir[:, 0]) / np.maximum(np.linalg.norm(edge_dir, axis=1), 1e-9)
     r = rod_r[0] + (rod_r[1] - rod_r[0]) * hash_uniform(e[:, 0], e[:, 1], e[:, 2], salt=3)
     r = r * (0.75 + 0.5 * vertical_rod)
