@@ -10,8 +10,7 @@ cortical, the crack density ``synth.cortical.failure.crack_density_median_per_mm
 (per mm^3; every failed specimen gets at least one crack); trabecular, the compaction
 strain of the collapse band ``synth.trabecular.failure.band_strain``, drawn from
 [level - 0.01, level + 0.01], which sets how many struts buckle and break. For each level
-it generates ``--specimens`` specimens of the swept tissue into the work folder (the other
-tissue is generated at the smallest allowed size and dropped from the manifest), runs the
+it generates ``--specimens`` specimens of the swept tissue (only) into the work folder, runs the
 ``tile`` and ``split`` stages on a params file pointed into that folder, and trains one
 CNN (not the ensemble) with the recipe of ``models/<tissue>/cnn_search.json`` (the
 committed best trial; params ``search.space`` mid-points when it is missing) for
@@ -36,7 +35,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +45,7 @@ import pandas as pd
 import yaml
 
 from bonedamage.config import load_params
-from bonedamage.data.manifest import read_manifest, write_manifest
+from bonedamage.data.manifest import read_manifest
 from bonedamage.data.synth.generate import PHANTOMS_NAME, generate_dataset
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.volume import open_volume
@@ -67,7 +65,6 @@ SWEEPS = {
     "trabecular": ("band_strain", "0.03,0.06,0.09,0.12,0.17,0.22"),
 }
 STRAIN_HALF_WIDTH = 0.01  # a trabecular level L draws the band strain from [L - w, L + w]
-SMALLEST_SHAPE = [16, 16, 16]  # the smallest phantom synth allows: the tissue not swept
 COLUMNS = [
     "tissue", "level", "n_cracks", "broken_struts", "buckled_struts", "damaged_voxel_share",
     "visible_tile_share", "n_test_tiles", "tile_bal_acc", "roc_auc", "acc_visible",
@@ -87,15 +84,12 @@ def parse_levels(text: str) -> list[float]:
 def synth_config(
     synth: dict[str, Any], tissue: str, level: float, specimens: int, seed: int | None
 ) -> dict[str, Any]:
-    """params ``synth`` with ``tissue``'s damage set to ``level``, ``specimens`` specimens,
-    and the other tissue at the smallest size synth allows (dropped after generation)."""
+    """params ``synth`` with ``tissue``'s damage set to ``level`` and ``specimens``
+    specimens."""
     cfg = copy.deepcopy(synth)
     cfg["specimens_per_tissue"] = specimens
     if seed is not None:
         cfg["seed"] = seed
-    for other in TISSUES:
-        if other != tissue:
-            cfg[other]["shape"] = list(SMALLEST_SHAPE)
     key = SWEEPS[tissue][0]
     if tissue == "trabecular":
         lo = max(level - STRAIN_HALF_WIDTH, 0.0)
@@ -118,13 +112,8 @@ def write_params(params: dict[str, Any], synth: dict[str, Any], folder: Path) ->
 
 
 def generate_tissue(synth: dict[str, Any], tissue: str, raw: Path) -> None:
-    """Generate the phantoms into ``raw`` and keep only ``tissue``'s scans."""
-    generate_dataset(synth, raw, progress=False, force=True)
-    manifest = read_manifest(raw)
-    write_manifest(manifest[manifest["tissue"] == tissue], raw)
-    for other in TISSUES:
-        if other != tissue:
-            shutil.rmtree(raw / other, ignore_errors=True)
+    """Generate ``tissue``'s phantoms (only) into ``raw``."""
+    generate_dataset(synth, raw, progress=False, force=True, tissues=(tissue,))
 
 
 def damaged_share(path: Path) -> float:

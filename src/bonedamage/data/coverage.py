@@ -29,6 +29,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from bonedamage.atomic import MARKER, write_text_atomic
+from bonedamage.config import DescribeSection
 from bonedamage.data import damage, morphometry
 from bonedamage.data.manifest import confined, read_manifest
 from bonedamage.data.tiling import tile_px, tiles_in_fov
@@ -37,11 +38,11 @@ from bonedamage.data.volume import open_volume
 _VOI_RADIUS_FRAC = 0.85
 PHANTOMS_NAME = "phantoms.json"  # written by synth next to the manifest
 _ID_COLUMNS = ("scan_id", "specimen_id", "tissue", "state")
+# the optional keys of the ``describe`` section, with the defaults its schema gives them
 DEFAULTS: dict[str, Any] = {
-    "smooth_sigma_vox": {"cortical": 0.5, "trabecular": 1.0},
-    "min_component_voxels": 8,
-    "merge_gap_vox": 1,
-    "workers": 1,
+    name: info.default
+    for name, info in DescribeSection.model_fields.items()
+    if not info.is_required()
 }
 
 

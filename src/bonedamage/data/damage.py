@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from bonedamage.data import labels as kinds
+from bonedamage.data.moments import label_moments
 
 KINDS = {"crack": kinds.MICROCRACK, "fracture": kinds.FRACTURE}
 _PERCENTILES = {"p10": 10.0, "median": 50.0, "p90": 90.0}
@@ -58,13 +59,7 @@ def component_shapes(
     keep = keep[keep > 0]
     if keep.size == 0:
         return empty
-    pts = [c.astype(np.float64) for c in coords]
-    means = [np.bincount(ids, weights=p, minlength=n + 1) / np.maximum(counts, 1) for p in pts]
-    cov = np.zeros((n + 1, 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            sums = np.bincount(ids, weights=pts[i] * pts[j], minlength=n + 1)
-            cov[:, i, j] = cov[:, j, i] = sums / np.maximum(counts, 1) - means[i] * means[j]
+    _, _, cov = label_moments(ids, [c.astype(np.float64) for c in coords], None, n + 1)
     # a voxel is a unit cube, not a point: add its own variance 1/12 per axis
     eig, vec = np.linalg.eigh(cov[keep] + np.eye(3) / 12.0)
     eig = np.clip(eig, 0.0, None)

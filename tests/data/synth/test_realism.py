@@ -40,7 +40,8 @@ def test_pristine_trabecular_morphometry_is_bovine(report: dict[str, Any]) -> No
         assert 0.15 <= m["bv_tv"] <= 0.40  # Nazarian & Müller 2004; Perilli et al. 2007
         assert 100 <= m["tb_th_um"] <= 300
         assert 300 <= m["tb_sp_um"] <= 900
-        assert m["da"] > 1.05 and m["anisotropy_z"] > 1.0  # structure oriented along z
+        assert 1.3 <= m["da"] <= 2.0  # Perilli et al. 2007; Nazarian et al. 2006
+        assert m["anisotropy_z"] > 1.0  # marrow spaces elongated along the load axis z
         assert m["conn_d_per_mm3"] > 0
 
 
@@ -64,7 +65,9 @@ def test_trabecular_damage_is_broken_and_buckled_bone(report: dict[str, Any]) ->
         assert m["voxels_microcrack"] == 0
         assert m["voxels_fracture"] > 0 and m["voxels_buckled"] > 0
         assert 0.0 < m["damaged_share_of_bone"] < 0.5  # damaged struts, not the whole band
-        assert m["largest_component_share"] < 0.75  # many struts, not one displaced block
+        # many broken struts, not one displaced block: buckled rods that share a node touch,
+        # so clusters form, but no cluster holds nearly all of the damage
+        assert m["fracture_count"] >= 10 and m["largest_component_share"] < 0.8
 
 
 def test_cortical_cracks_are_thin_oblique_and_sparse(report: dict[str, Any]) -> None:

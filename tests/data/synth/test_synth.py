@@ -77,6 +77,14 @@ def test_same_params_and_seed_give_identical_bytes_whatever_the_workers(
     generate_dataset({**cfg, "seed": cfg["seed"] + 1}, tmp_path / "c", progress=False)
     c = tree_digest(tmp_path / "c")
     assert c["manifest.csv"] != a["manifest.csv"]
+    # one tissue alone: the same bytes for its scans, nothing of the other
+    generate_dataset(cfg, tmp_path / "d", progress=False, tissues=["trabecular"])
+    d = tree_digest(tmp_path / "d")
+    scans = {k: v for k, v in d.items() if k.endswith(".tif")}
+    assert scans and all(k.startswith("trabecular") and a[k] == v for k, v in scans.items())
+    assert set(read_manifest(tmp_path / "d").tissue) == {"trabecular"}
+    with pytest.raises(SynthError, match="tissues"):
+        generate_dataset(cfg, tmp_path / "e", progress=False, tissues=["femur"])
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])

@@ -66,8 +66,11 @@ def generate_dataset(
     progress: bool = True,
     force: bool = False,
     inputs: Iterable[Path] = (),
+    tissues: Iterable[str] = TISSUES,
 ) -> pd.DataFrame:
     """Generate every specimen of ``cfg`` (the ``synth`` params) into ``out_root``.
+
+    ``tissues``: those to generate (a specimen's bytes do not depend on the others).
 
     ``out_root`` is replaced as a whole, atomically. It refuses to replace a data root
     holding ingested (real) scans or anything else synth did not write unless ``force``
@@ -82,7 +85,15 @@ def generate_dataset(
             f"{out_root}: holds ingested scans {kept[:3]}; synth replaces the whole folder. "
             "Use another --out, or --force to discard them."
         )
-    jobs = [(tissue, index) for tissue in TISSUES for index in range(cfg["specimens_per_tissue"])]
+    wanted = set(tissues)
+    if not wanted or wanted - set(TISSUES):
+        raise SynthError(f"tissues {sorted(wanted)}: choose among {list(TISSUES)}")
+    jobs = [
+        (tissue, index)
+        for tissue in TISSUES
+        if tissue in wanted
+        for index in range(cfg["specimens_per_tissue"])
+    ]
     workers = workers or int(cfg["workers"])
     with atomic_dir(out_root, owner="synth", inputs=inputs, force=force) as staging:
         results = _run(jobs, cfg, staging, workers, progress)

@@ -1,7 +1,11 @@
 """Bovine trabecular bone phantom: a plate-and-rod Voronoi network and its collapse band.
 
-Structure. Seeds on a jittered lattice, stretched along the load axis z, define Voronoi
-cells (the marrow spaces). Bone sits on the cell boundaries: a share of the faces are
+Structure. Seeds on a jittered lattice define the cells (the marrow spaces) of an
+isotropic Voronoi foam, which is then stretched along the load axis z by the specimen's
+anisotropy (volume kept): the cells, their faces and edges are affine images of the foam's,
+so the structure's degree of anisotropy follows the stretch (a Voronoi partition of
+stretched seeds would not: it stays nearly isotropic). Bone sits on the cell boundaries,
+at real-grid distances from the stretched faces and edges: a share of the faces are
 plates (preferentially those parallel to z, perforated by smooth random holes) and the
 cell edges are rods, thicker when aligned with z. This reproduces the interconnected
 plate-and-rod architecture and its anisotropy along the principal load direction. Cell
@@ -14,6 +18,8 @@ morphometry spans the bovine range:
   J Biomech 39 (2006) 1703 (bovine trabecular micro-CT morphometry, Tb.Th and Tb.Sp);
   Perilli et al., J Biomech 40 (2007) 3025 (Tb.Th/Tb.Sp ranges and DA in
   plate-and-rod bone).
+- Degree of anisotropy (MIL) about 1.3-2.0 (Perilli et al. 2007; Nazarian et al. 2006):
+  the stretch of the cells, ``anisotropy``, gives about as much (measured: docs/phantoms.md).
 - Rod/plate description: Stauber & Müller, Bone 38 (2006) 475; Liu et al., J Bone Miner
   Res 23 (2008) 223 (individual trabecula segmentation).
 
@@ -54,6 +60,7 @@ from scipy.spatial import cKDTree
 
 from bonedamage.data.labels import BUCKLED as LABEL_BUCKLED
 from bonedamage.data.labels import FRACTURE as LABEL_FRACTURE
+from bonedamage.data.moments import label_moments
 from bonedamage.data.synth.fields import (
     AxialDeformation,
     hash_uniform,
@@ -220,9 +227,7 @@ def _pieces(
     ids = piece[bone]
     w = np.maximum(plate, rod)[bone].astype(np.float64)
     n = int(ids.max()) + 1 if ids.size else 0
-    mass = np.maximum(np.bincount(ids, w, n), 1e-9)
-    coords = np.nonzero(bone)
-    centroid = np.stack([np.bincount(ids, w * c, n) for c in coords], axis=1) / mass[:, None]
+    _, centroid, _ = label_moments(ids, np.nonzero(bone), w, n)
     return piece, centroid
 
 
@@ -242,15 +247,7 @@ def _segment_struts(
     strut[own] = inverse.astype(np.int32)
     n = len(keys)
     coords = [c.astype(np.float64) for c in np.nonzero(own)]
-    w = rod[own].astype(np.float64)
-    volume = np.bincount(inverse, w, n)
-    mass = np.maximum(volume, 1e-9)
-    centroid = np.stack([np.bincount(inverse, w * c, n) for c in coords], axis=1) / mass[:, None]
-    cov = np.empty((n, 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            cij = np.bincount(inverse, w * coords[i] * coords[j], n) / mass
-            cov[:, i, j] = cov[:, j, i] = cij - centroid[:, i] * centroid[:, j]
+    volume, centroid, cov = label_moments(inverse, coords, rod[own].astype(np.float64), n)
     values, vectors = np.linalg.eigh(cov)
     axis = vectors[:, :, -1] * np.where(vectors[:, 0, -1] < 0, -1.0, 1.0)[:, None]
     length = np.sqrt(12.0 * np.maximum(values[:, -1], 0.0))
@@ -435,7 +432,6 @@ def strut_moves(
                 "hinge": float(hinge[k]),
                 "radius": float(radius),
                 "length": float(length),
-                "ref_start": s["centroid"][k] - origin - a * length / 2.0,
                 "ref_axis": a,
                 "parts": [  # (t range, reference pivot, deformed pivot, rotation, far end)
                     ((0.0, hinge[k]), p0, q0, _rotation_between(a, (h - q0) / lo_len), h),
@@ -466,6 +462,7 @@ def render_moves(
     labels = np.zeros(shape, dtype=np.uint8)
     for move in moves:
         k, radius = move["strut"], move["radius"]
+        start = move["parts"][0][1]  # the lower part pivots about the rod's lower end
         lo = np.maximum(spec.struts["lo"][k] - 1, 0)
         hi = np.minimum(spec.struts["hi"][k] + 2, spec.occupancy.shape)
         crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
@@ -482,7 +479,7 @@ def render_moves(
             box = tuple(slice(a, b) for a, b in zip(box_lo, box_hi, strict=True))
             y = spec_coords[(slice(None), *box)].reshape(3, -1).astype(np.float64)
             x = pivot_ref[:, None] + rot.T @ (y - pivot_def[:, None])  # centred reference
-            t = (move["ref_axis"] @ (x - move["ref_start"][:, None])) / move["length"]
+            t = (move["ref_axis"] @ (x - start[:, None])) / move["length"]
             keep = t < t1 if t0 == 0.0 else t >= t0  # the rod's rim beyond its ends included
             grid = x + origin[:, None] - lo[:, None]
             part = ndimage.map_coordinates(strut, grid, order=1, cval=0.0, prefilter=False)
