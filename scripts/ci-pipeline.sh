@@ -3,7 +3,8 @@
 # workflow step (and one .ci/run step) with its own duration and artifacts:
 #   data     materialise data/raw, then describe, tile, split, validate (Data Docs)
 #   learn    search, train_cnn, pretrain, train_resnet, evaluate, register, promote
-#   explain  the Grad-CAM exports and localization metrics
+#   explain  the Grad-CAM exports and localization metrics, then track (MLflow runs of
+#            stages DVC may skip)
 # Every stage is forced (--force --single-item, in dvc.yaml's order): outputs committed to
 # git (metrics, search results, registry records) are really recomputed, not skipped.
 # `scripts/ci-pipeline.sh PHASE --list` prints the phase's stage patterns and runs nothing.
@@ -17,7 +18,7 @@ case "$phase" in
     stages=('search@*' 'train_cnn@*' 'pretrain@*' 'train_resnet@*' 'evaluate@*' 'register@*'
             'promote@*') ;;
   explain)
-    stages=('explain@*') ;;
+    stages=('explain@*' 'track@*') ;;
   *)
     echo "error: unknown phase '$phase' (data, learn or explain)" >&2
     exit 2 ;;

@@ -340,7 +340,9 @@ def test_documented_server_commands_bind_localhost() -> None:
     assert bad == []
     commands = {c for cs in found.values() for c in cs}
     # what exists today: the scan is not vacuous (and a new kind of server gets looked at)
-    assert commands == {"mlflow models serve", "mlflow server", "mlflow ui"}, found
+    assert commands == {"mlflow models serve", "mlflow server", "mlflow ui", "optuna-dashboard"}, (
+        found
+    )
 
 
 @pytest.mark.parametrize(
@@ -387,6 +389,13 @@ def test_pipeline_commands_bind_no_public_interface() -> None:
         assert "0.0.0.0" not in cmd and "[::]" not in cmd, where
         if "mlflow server" in cmd or "models serve" in cmd or "mlflow ui" in cmd:
             assert "--host 127.0.0.1" in cmd or "--host" not in cmd, where
+
+
+def test_optuna_dashboard_defaults_to_localhost() -> None:
+    """The docs' `optuna-dashboard reports/search/<tissue>/study.journal` relies on this."""
+    from optuna_dashboard._config import DashboardConfig
+
+    assert DashboardConfig().host == "127.0.0.1"
 
 
 def test_mlflow_servers_default_to_localhost() -> None:

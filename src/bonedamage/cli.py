@@ -138,6 +138,12 @@ COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
         "--reports": {"help": "exports folder, holding TISSUE/ (default: REPORTS/gradcam)"},
         **_out("METRICS/TISSUE-gradcam.json"), "--force": _flag(FORCE),
     }),
+    "track": ("record in MLflow the runs of stages DVC skipped", {
+        "--tissue": TISSUE,
+        "--reports": {"help": "search reports folder, holding TISSUE/study.journal "
+                      "(default: REPORTS/search)"},
+        "--plots": {"help": "evaluate's plot tables folder, holding TISSUE/ (default: PLOTS)"},
+    }),
     "predict": ("whole-scan prediction and 3D damage maps", {
         "scan": {"metavar": "SCAN", "help": "TIFF stack: multi-page file or folder of slices"},
         "--model": {"required": True, "help": "model URI (models:/NAME@champion)"},

@@ -568,6 +568,7 @@ class SearchSection(_Section):
     n_startup_trials: NonNegInt = 5
     storage: Name  # a journal file, or a database URL
     study_prefix: Name = "bonedamage"
+    min_trials_for_importance: Annotated[int, _whole(ge=2)] = 8  # to rank the parameters
     pruner: Pruner = MedianPruner()
     space: SearchSpace
 

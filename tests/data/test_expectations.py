@@ -261,6 +261,73 @@ def test_valid_tables_pass_and_build_docs(valid_run: tuple[ValidationReport, Pat
     assert json.loads(json.dumps(report.to_dict()))["docs_index"] == str(docs / "index.html")
 
 
+def summary_rows(text: str) -> dict[str, list[list[str]]]:
+    """The expectation rows of each suite's section of the offline summary, as cells."""
+    rows: dict[str, list[list[str]]] = {}
+    for section in text.split("\n## ")[1:]:
+        name = section.split(":", 1)[0]
+        rows[name] = [
+            [cell.strip() for cell in line.strip("|").split(" | ")]
+            for line in section.splitlines()
+            if line.startswith(("| pass |", "| **FAIL** |"))
+        ]
+    return rows
+
+
+def test_summary_lists_every_expectation_of_every_suite_with_its_status(
+    tables: Tables, valid_run: tuple[ValidationReport, Path]
+) -> None:
+    report, docs = valid_run
+    assert report.summary_file == docs / "summary.md"  # beside the Data Docs' index.html
+    text = report.summary_file.read_text(encoding="utf-8")
+    assert text.startswith(f"# Data validation: PASSED (all {report.n_expectations} ")
+    rows = summary_rows(text)
+    suites = validate._build_suites(*tables, CFG)
+    assert list(rows) == [suite.name for suite in suites]
+    for suite in suites:
+        listed = [(cells[1].split(" (")[0], cells[2]) for cells in rows[suite.name]]
+        wanted = [
+            (e.configuration.type, validate._columns(e.configuration.kwargs))
+            for e in suite.expectations
+        ]
+        assert sorted(listed) == sorted(wanted), suite.name  # in GX's order of results
+        assert all(cells[0] == "pass" and cells[4] for cells in rows[suite.name])
+    assert sum(len(r) for r in rows.values()) == report.n_expectations
+    # observed values: counts of offending rows, ranges of checked numbers
+    between = "expect_column_values_to_be_between"
+    (voxel,) = [c for c in rows["manifest"] if c[1:3] == [between, "voxel_size_um"]]
+    assert voxel[4] == "`0 unexpected of 18; values 1.6 to 20`"
+
+
+def test_summary_marks_failures_with_what_was_observed(tables: Tables, tmp_path: Path) -> None:
+    report = validate_tables(*specimen_in_two_splits(*tables), CFG, docs_dir=tmp_path / "docs")
+    text = report.summary_file.read_text(encoding="utf-8")
+    assert text.startswith(f"# Data validation: FAILED (1 of {report.n_expectations} ")
+    rows = summary_rows(text)
+    failed = [
+        (name, cells) for name, suite in rows.items() for cells in suite if "FAIL" in cells[0]
+    ]
+    assert [(name, cells[2]) for name, cells in failed] == [("grouped_specimens", "n_splits")]
+    assert "cortical-01 in test,train" in failed[0][1][4]
+    assert sum(len(r) for r in rows.values()) == report.n_expectations  # the passed ones too
+
+
+def test_summary_needs_nothing_from_the_network(valid_run: tuple[ValidationReport, Path]) -> None:
+    """Offline, GX's Data Docs show an empty index (their scripts and icons come from CDNs);
+    the summary references no remote (or any) asset and runs no script."""
+    report, _ = valid_run
+    text = report.summary_file.read_text(encoding="utf-8").lower()
+    for remote in ("http://", "https://", "//cdn", "<script", "<link", "<img", "src=", "]("):
+        assert remote not in text
+
+
+def test_the_json_report_keeps_failures_only(valid_run: tuple[ValidationReport, Path]) -> None:
+    """metrics/validation.json is committed: the passed expectations stay out of it."""
+    report, _ = valid_run
+    assert report.suites  # the summary's rows
+    assert set(report.to_dict()) == {"success", "failures", "n_expectations", "docs_index"}
+
+
 def test_input_tables_are_not_modified(tables: Tables, valid_run: object) -> None:
     fresh = make_tables()
     for got, want in zip(tables, fresh, strict=True):
@@ -436,6 +503,8 @@ def test_validate_replaces_only_its_own_docs(on_disk, tmp_path, capsys) -> None:
     assert not (tmp_path / "validation.json").exists()
     assert _validate(on_disk, docs, "--force") == 0
     assert "<html" in (docs / "index.html").read_text().lower()
+    assert f"readable offline): {docs / 'summary.md'}" in capsys.readouterr().out
+    assert (docs / "summary.md").read_text().startswith("# Data validation: PASSED")
 
 
 @pytest.mark.parametrize("which", ["tiles", "root", "parent"])

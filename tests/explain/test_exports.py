@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from matplotlib.text import Text
 
 from bonedamage.data.tilestore import TileStore
 from bonedamage.explain import exports as report
@@ -117,6 +118,62 @@ def test_explain_is_deterministic_and_tracked(explained) -> None:
     logged = [a.path for r in runs for a in client.list_artifacts(r.info.run_id, "gradcam")]
     assert logged and all(p.startswith("gradcam/") for p in logged)
     assert any("gradcam_cam_energy_ratio" in r.data.metrics for r in runs)
+
+
+def test_every_outcome_has_a_figure(explained) -> None:
+    for model in ("cnn", "resnet_scratch"):
+        folder = explained["tmp"] / "a" / TISSUE / model
+        for outcome in gradcam.OUTCOMES:
+            assert (folder / f"{outcome}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_outcome_figures_name_what_they_show_and_an_empty_outcome_says_so(
+    explained, tmp_path, monkeypatch
+) -> None:
+    """Called failed at p = 0.9 every one: no tn or fn tile, and their files say so."""
+    store = explained["store"]
+    models = explained["tmp"] / "models" / TISSUE
+    model = build_module(json.loads((models / "cnn.json").read_text()), models / "cnn.pt")
+    ours = store.index["tissue"].to_numpy() == TISSUE
+    label = store.index["label"].to_numpy()
+    positions = np.concatenate([np.flatnonzero(ours & (label == k))[:3] for k in (0, 1)])
+    labels = label[positions].astype(int)
+    figures = []  # drawn in the order of gradcam.OUTCOMES
+    figure = gradcam.overlay_figure
+
+    def keep(tiles, cams, labels=None, **kw):
+        figures.append(figure(tiles, cams, labels, **kw))
+        return figures[-1]
+
+    monkeypatch.setattr(gradcam, "overlay_figure", keep)
+    cfg = {"n_per_outcome": 4, "method": "gradcam", "batch_size": 8}
+    prob = np.full(len(positions), 0.9)
+    index = report.export_outcomes(
+        model, store, positions, labels, prob, cfg, "features.0", tmp_path,
+        model_name="cnn", layer_name="features.0",
+    )  # fmt: skip
+    assert {p.stem for p in tmp_path.glob("*.png")} == set(gradcam.OUTCOMES)
+    assert set(index["outcome"]) == {"tp", "fp"}
+    pixel = float(store.index["voxel_size_um"].iloc[positions[0]])
+    px = int(store.index["tile_px"].iloc[positions[0]])
+    for outcome, fig in zip(gradcam.OUTCOMES, figures, strict=True):
+        texts = [t.get_text() for t in fig.findobj(Text)]
+        heading, kind = (t.get_text() for t in fig.texts[:2])  # the title's two lines
+        assert (
+            heading == f"Grad-CAM (failed class) · {TISSUE} · model cnn · target layer features.0"
+        )
+        assert kind.startswith(f"{gradcam.OUTCOME_TEXT[outcome].split(':')[0].capitalize()} ")
+        assert f"({outcome})" in kind and gradcam.OUTCOME_TEXT[outcome].split(": ")[1] in kind
+        words = " ".join(texts)
+        assert "tp = failed tiles called failed" in words and "p(failed) > 0.5" in words
+        if outcome in ("tn", "fn"):
+            assert any(t.startswith(f"no {outcome} tiles in the test split") for t in texts)
+            continue
+        panels = [ax for ax in fig.axes if len(ax.images) == 2]
+        assert [ax.get_title() for ax in panels] == ["p(failed) = 0.90"] * len(panels)
+        (bar,) = [p for p in panels[0].patches if p.get_gid() == "scale-bar"]
+        assert bar.get_width() == pytest.approx(gradcam.scale_bar_um(px * pixel) / pixel)
+        assert any(t.startswith("Grad-CAM, 0-1") for t in texts)
 
 
 def test_evenly_spaced_picks() -> None:

@@ -364,22 +364,116 @@ def test_write_cam_tiff_round_trip(tmp_path) -> None:
         gc.write_cam_tiff(tmp_path / "bad.tif", cam[None])
 
 
+def _texts(fig) -> list[str]:
+    """Every text a figure shows (titles, labels, ticks, notes)."""
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def _panels(fig) -> list:
+    """The tile panels of an overlay figure (the axes holding images, not the colour bar)."""
+    return [ax for ax in fig.axes if len(ax.images) == 2]
+
+
 def test_overlay_grid_is_byte_identical(tmp_path) -> None:
     rng = np.random.default_rng(6)
     tiles = rng.random((5, 32, 32), dtype=np.float32)
     cams = rng.random((5, 32, 32), dtype=np.float32)
-    titles = [f"tile {i} p=0.{i}" for i in range(5)]
+    titles = [f"p(failed) = 0.{i}" for i in range(5)]
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    gc.overlay_grid(tiles, cams, titles, a, ncols=3)
-    gc.overlay_grid(tiles, cams, titles, b, ncols=3)
+    gc.overlay_grid(tiles, cams, titles, a, ncols=3, title="grid", pixel_um=20.0)
+    gc.overlay_grid(tiles, cams, titles, b, ncols=3, title="grid", pixel_um=20.0)
     data = a.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert data == b.read_bytes()
     assert b"Software" not in data
     gc.overlay_grid(tiles, cams, None, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes() != data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png"]
     with pytest.raises(ValueError, match="titles"):
         gc.overlay_grid(tiles, cams, titles[:2], tmp_path / "d.png")
+
+
+def test_overlay_figure_names_the_map_the_panels_and_the_figure() -> None:
+    rng = np.random.default_rng(7)
+    tiles = rng.random((3, 32, 32), dtype=np.float32)
+    cams = rng.random((3, 32, 32), dtype=np.float32)
+    labels = ["p(failed) = 0.93", "p(failed) = 0.81", "p(failed) = 0.62"]
+    fig = gc.overlay_figure(
+        tiles, cams, labels, title="Grad-CAM · trabecular · model cnn · layer features.0",
+        note="tp = failed tiles called failed", map_name="Grad-CAM++",
+    )  # fmt: skip
+    texts = _texts(fig)
+    assert "Grad-CAM · trabecular · model cnn · layer features.0" in texts
+    assert "tp = failed tiles called failed" in texts
+    assert [ax.get_title() for ax in _panels(fig)] == labels
+    (bar,) = [ax for ax in fig.axes if ax not in _panels(fig)]
+    assert bar.get_ylabel().startswith("Grad-CAM++, 0-1")
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["0.0", "0.5", "1.0"]
+    # always ncols columns: grids of the same settings have the same width
+    assert fig.get_size_inches()[0] == gc.overlay_figure(tiles[:1], cams[:1]).get_size_inches()[0]
+
+
+def test_the_bone_shows_through_the_map() -> None:
+    """Grey tile first, then the map translucent in a perceptual colormap: under one and the
+    same map value, bright bone renders brighter than a dark pore."""
+    tiles = np.zeros((1, 32, 32), np.float32)
+    tiles[:, :, :16] = 1.0  # bone on the left half
+    cams = np.full((1, 32, 32), 0.7, np.float32)
+    fig = gc.overlay_figure(tiles, cams, ["p(failed) = 0.50"])
+    (ax,) = _panels(fig)
+    grey, cam = ax.images
+    assert grey.get_cmap().name == "gray" and cam.get_cmap().name in (
+        "viridis", "inferno", "magma", "plasma", "cividis"
+    )  # fmt: skip
+    assert 0.2 <= cam.get_alpha() <= 0.6
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+    x0, y0, x1, y1 = ax.get_window_extent().extents.round().astype(int)
+    h = rgb.shape[0]
+    panel = rgb[h - y1 + 2 : h - y0 - 2, x0 + 2 : x1 - 2].mean(axis=2)
+    left, right = panel[:, : panel.shape[1] // 3], panel[:, -panel.shape[1] // 3 :]
+    assert left.mean() > right.mean() + 60  # out of 255
+
+
+def test_scale_bar_um_is_a_round_share_of_the_tile() -> None:
+    assert gc.scale_bar_um(1280.0) == 200.0  # trabecular tiles: 64 px at 20 um
+    assert gc.scale_bar_um(102.4) == 20.0  # cortical tiles: 64 px at 1.6 um
+    assert gc.scale_bar_um(1000.0) == 200.0  # 500 would cover half the tile
+    assert gc.scale_bar_um(3.0) == pytest.approx(0.5)
+    for width in (0.0, -5.0, math.nan):
+        with pytest.raises(ValueError, match="positive length"):
+            gc.scale_bar_um(width)
+
+
+def test_the_scale_bar_is_as_long_as_its_label_says() -> None:
+    rng = np.random.default_rng(8)
+    tiles, cams = rng.random((2, 2, 40, 40), dtype=np.float32)
+    fig = gc.overlay_figure(tiles, cams, ["a", "b"], pixel_um=20.0)  # 800 um wide tiles
+    first, second = _panels(fig)
+    (bar,) = [p for p in first.patches if p.get_gid() == "scale-bar"]
+    (label,) = [t for t in first.texts if t.get_gid() == "scale-bar-label"]
+    assert label.get_text() == "200 µm"
+    assert bar.get_width() == pytest.approx(200.0 / 20.0)  # pixels: the panel's data units
+    assert bar.get_x() + bar.get_width() <= 40 - 0.5  # inside the tile
+    assert not [p for p in second.patches if p.get_gid() == "scale-bar"]  # the first panel only
+    bare = gc.overlay_figure(tiles, cams, ["a", "b"])
+    assert not [p for ax in bare.axes for p in ax.patches if p.get_gid() == "scale-bar"]
+    with pytest.raises(ValueError, match="pixel_um"):
+        gc.overlay_figure(tiles, cams, None, pixel_um=0.0)
+
+
+def test_no_tiles_still_make_a_figure_that_says_so(tmp_path) -> None:
+    none = np.empty((0, 32, 32), np.float32)
+    path = tmp_path / "fp.png"
+    gc.overlay_grid(none, none, [], path, title="false positives", empty="no fp tiles")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = gc.overlay_figure(none, none, [], title="false positives", empty="no fp tiles")
+    assert "no fp tiles" in _texts(fig) and "false positives" in _texts(fig)
+    assert len(fig.axes) == 1 and not fig.axes[0].images  # a placeholder: no colour bar
+    with pytest.raises(ValueError, match="maps for no tiles"):
+        gc.overlay_figure(none, np.zeros((1, 32, 32), np.float32))
 
 
 def test_select_by_outcome_hand_made() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from matplotlib.legend import Legend
 
 from bonedamage.cli import main
 from bonedamage.data.manifest import read_manifest
@@ -39,9 +40,18 @@ def setup(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     raw = learn_data[0].parent / "raw"
     manifest = read_manifest(raw)
     row = manifest[(manifest.tissue == TISSUE) & (manifest.state == "failed")].iloc[0]
-    verdict = predict.predict_scan(model, raw / row.path, tmp / "out", progress=False)
+    drawn = []  # what orthoviews.png was drawn from, and the figure
+
+    def keep(sections, verdict, settings=None):
+        drawn.append((sections, verdict, figure(sections, verdict, settings)))
+        return drawn[-1][2]
+
+    figure = predict.orthoviews_figure
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict, "orthoviews_figure", keep)
+        verdict = predict.predict_scan(model, raw / row.path, tmp / "out", progress=False)
     return {"tmp": tmp, "store": store, "model": model, "row": row, "scan": raw / row.path,
-            "verdict": verdict}  # fmt: skip
+            "verdict": verdict, "orthoviews": drawn[0]}  # fmt: skip
 
 
 def test_predict_classifies_exactly_the_training_tiles(setup) -> None:
@@ -93,6 +103,117 @@ def test_probability_and_cam_stacks_carry_the_voxel_size(setup) -> None:
     np.testing.assert_allclose(block, first["prob_failed"], atol=2e-6)
     cam = tifffile.imread(out / "cam.tif")
     assert np.nanmin(cam) >= 0 and np.nanmax(cam) <= 1 and np.isfinite(cam).any()
+
+
+def _texts(fig) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_orthoviews_show_the_scan_under_the_probability_map_of_the_prediction(setup) -> None:
+    """orthoviews.png is drawn from the probability stack written beside it, over the
+    scan's own planes (normalised as the tiles), titled with the scan and the verdict."""
+    sections, verdict, fig = setup["orthoviews"]
+    out, store, row = setup["tmp"] / "out", setup["store"], setup["row"]
+    assert verdict == json.loads((out / "verdict.json").read_text())
+    prob = tifffile.imread(out / "probability.tif")
+    n, h, w = prob.shape
+    np.testing.assert_array_equal(sections.prob[0], prob[n // 2])
+    np.testing.assert_array_equal(sections.prob[1], prob[:, h // 2])
+    np.testing.assert_array_equal(sections.prob[2], prob[:, :, w // 2])
+    # the scan under the middle page: the tiles of that plane, normalised and clipped
+    tiles = pd.read_csv(out / "tiles.csv")
+    stride, px = verdict["slice_stride"], int(store.index["tile_px"].iloc[0])
+    first = tiles[tiles["index"] == (n // 2) * stride].iloc[0]
+    index = store.index.reset_index(drop=True)
+    tile_id = (
+        f"{row.scan_id}/{first['plane'][0]}{first['index']:04d}-{first['r']:04d}-{first['c']:04d}"
+    )
+    i = int(np.flatnonzero(index["tile_id"] == tile_id)[0])
+    lo, hi = index.loc[i, ["norm_lo", "norm_hi"]]
+    raw = store.raw(i)
+    middle = raw[raw.shape[0] // 2] if raw.ndim == 3 else raw  # 2.5-D: the tiled plane
+    tile = np.clip((middle - np.float32(lo)) / np.float32(hi - lo), 0, 1)
+    block = sections.scan[0][first["r"] : first["r"] + px, first["c"] : first["c"] + px]
+    np.testing.assert_allclose(block, tile, atol=1e-5)
+    texts = _texts(fig)
+    assert f"{setup['scan'].name}: verdict {verdict['verdict']}" in texts
+    assert any(f"mean p(failed) {verdict['mean_prob_failed']:.2f}" in t for t in texts)
+    assert all(np.isfinite(s).all() for s in sections.scan)
+    assert (out / "orthoviews.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _sections(prob_value: float = 0.8) -> predict.Sections:
+    """A coronal prediction of 6 pages of 40 x 50 px: a bright left half of the scan, tiles
+    (p = ``prob_value``) on the top 20 rows only."""
+    sections = predict.Sections.empty("coronal", (6, 40, 50), spacing=160.0, pixel=20.0)
+    image = np.zeros((40, 50), np.float32)
+    image[:, :25] = 1.0
+    stack = np.full((6, 40, 50), np.nan, np.float32)
+    stack[:, :20] = prob_value
+    for page in range(6):
+        sections.record(page, image)
+    sections.probability(stack)
+    return sections
+
+
+VERDICT = {
+    "scan": "/data/scans/specimen-7.tif", "model": "models:/bonedamage-trabecular@champion",
+    "tissue": "trabecular", "verdict": "uncertain", "model_call": "failed",
+    "rule": "failed when the mean tile probability > 0.5", "mean_prob_failed": 0.8,
+    "failed_tile_share": 1.0, "n_tiles": 30, "plane": "coronal", "tile_um": 320.0,
+    "working_voxel_um": 20.0, "slice_stride": 8, "voxel_size_um": 20.0,
+    "domain_reasons": ["the scan's voxel size 40 um is 2.0x coarser than the model's"],
+}  # fmt: skip
+
+
+def test_orthoviews_name_the_scan_the_verdict_the_axes_and_the_colours() -> None:
+    fig = predict.orthoviews_figure(_sections(), VERDICT)
+    texts = _texts(fig)
+    assert "specimen-7.tif: verdict uncertain" in texts
+    words = " ".join(texts)
+    assert "the model's own call: failed, mean p(failed) 0.80 over 30 tiles" in words
+    assert "uncertain: the scan's voxel size 40 um is 2.0x coarser" in words
+    assert "models:/bonedamage-trabecular@champion" in words
+    page, rows, cols = (ax for ax in fig.axes if ax.images)
+    # coronal pages lie along y; a page holds z (rows) and x (columns)
+    assert (page.get_xlabel(), page.get_ylabel()) == ("x (µm)", "z (µm, load axis)")
+    assert (rows.get_xlabel(), rows.get_ylabel()) == ("x (µm)", "y (µm)")
+    assert (cols.get_xlabel(), cols.get_ylabel()) == ("z (µm, load axis)", "y (µm)")
+    assert page.get_title() == "coronal plane at y = 480 µm"  # page 3 of 6, 160 um apart
+    assert (
+        rows.get_title() == "section at z = 400 µm" and cols.get_title() == "section at x = 500 µm"
+    )
+    # ticks in um: 50 px at 20 um across, 6 pages 160 um apart down the sections
+    assert page.images[0].get_extent() == pytest.approx((-10, 990, 790, -10))
+    assert rows.images[0].get_extent() == pytest.approx((-10, 990, 880, -80))
+    assert cols.images[0].get_extent() == pytest.approx((-10, 790, 880, -80))
+    (bar,) = [ax for ax in fig.axes if not ax.images]
+    assert bar.get_ylabel().startswith("p(failed) of the tile")
+    legend = " ".join(t.get_text() for lg in fig.findobj(Legend) for t in lg.get_texts())
+    assert "no tile; outside the field of view" in legend and "p(failed)" in legend
+
+
+def test_orthoviews_put_the_scan_under_a_translucent_map_and_fade_the_untiled_part() -> None:
+    fig = predict.orthoviews_figure(_sections(), {**VERDICT, "verdict": "failed"})
+    page = next(ax for ax in fig.axes if ax.images)
+    scan, prob, fade = page.images
+    assert scan.get_cmap().name == "gray" and 0.2 <= prob.get_alpha() <= 0.7
+    alpha = np.asarray(fade.get_array())[..., 3]
+    assert (alpha[:20] == 0).all() and (alpha[20:] > 0).all()  # untiled rows only
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float).mean(axis=2)
+    x0, y0, x1, y1 = page.get_window_extent().extents.round().astype(int)
+    h = rgb.shape[0]
+    view = rgb[h - y1 + 2 : h - y0 - 2, x0 + 2 : x1 - 2]
+    top = view[: view.shape[0] // 3]  # tiled: p(failed) over the scan
+    left, right = top[:, : top.shape[1] // 3], top[:, -top.shape[1] // 3 :]
+    assert left.mean() > right.mean() + 60  # the bright half shows through the map
+    assert "specimen-7.tif: verdict failed" in _texts(fig)
+    again = predict.orthoviews_figure(_sections(), {**VERDICT, "verdict": "failed"})
+    again.canvas.draw()
+    assert np.array_equal(np.asarray(again.canvas.buffer_rgba())[..., :3].mean(axis=2), rgb)
 
 
 def test_cam_layer_picks_the_grad_cam_target_and_a_wrong_name_is_refused(setup, tmp_path) -> None:

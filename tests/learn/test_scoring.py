@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from bonedamage.data.tiling import LABELS
 from bonedamage.learn import scoring as ev
 
 
@@ -279,6 +280,44 @@ def test_roc_points() -> None:
     assert roc.iloc[-1][["fpr", "tpr"]].tolist() == [1.0, 1.0]
     assert np.isfinite(roc.to_numpy()).all()
     assert roc["fpr"].is_monotonic_increasing and roc["tpr"].is_monotonic_increasing
+
+
+def test_the_class_names_are_the_labels_of_the_tiles() -> None:
+    assert {name: label for label, name in enumerate(ev.CLASS_NAMES)} == {
+        name: label for name, label in LABELS.items() if label >= 0
+    }
+
+
+def test_confusion_points_name_the_classes_the_confusion_matrix_counts() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.8, 0.4, 0.45, 0.6, 0.7, 0.9, 0.5])
+    points = ev.confusion_points(y, p)
+    assert list(points.columns) == ["actual", "predicted"]
+    assert points.iloc[3].tolist() == ["pristine", "failed"]  # in the tiles' order
+    assert points.iloc[-1].tolist() == ["failed", "pristine"]  # 0.5 is not above the threshold
+    counts = pd.crosstab(points["actual"], points["predicted"])
+    [[tn, fp], [fn, tp]] = ev.tile_metrics(y, p)["confusion_matrix"]
+    assert counts.loc["pristine", "pristine"] == tn and counts.loc["pristine", "failed"] == fp
+    assert counts.loc["failed", "pristine"] == fn and counts.loc["failed", "failed"] == tp
+    assert ev.confusion_points(y, p, threshold=0.35)["predicted"].value_counts()["failed"] == 7
+    with pytest.raises(ValueError):
+        ev.confusion_points(np.array([0, -1]), np.array([0.1, 0.9]))  # an unlabelled tile
+
+
+def test_history_points_put_the_epoch_first_and_round_the_metrics() -> None:
+    history = [
+        {"epoch": 0, "val_loss": 0.6931471805599453, "val_balanced_accuracy": 0.5},
+        {"epoch": 1, "val_loss": 0.5, "val_balanced_accuracy": 0.7500000001},
+    ]
+    points = ev.history_points(history)
+    assert list(points.columns) == ["epoch", "val_balanced_accuracy", "val_loss"]
+    assert points.to_csv(index=False) == (
+        "epoch,val_balanced_accuracy,val_loss\n0,0.5,0.693147\n1,0.75,0.5\n"
+    )
+    with pytest.raises(ValueError, match="no epochs"):
+        ev.history_points([])
+    with pytest.raises(ValueError, match="without epochs"):
+        ev.history_points([{"val_loss": 0.5}])
 
 
 def test_write_json_deterministic_atomic_nan_null(tmp_path) -> None:

@@ -1,8 +1,10 @@
-"""Optuna search (learn/study.py): small studies, resume, four workers on one storage."""
+"""Optuna search (learn/study.py): small studies, resume, four workers on one storage, the
+study's figures and its export as a journal file."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from bonedamage.data.tilestore import TileStore
@@ -50,6 +54,8 @@ def test_changed_settings_start_a_new_study_in_the_same_storage(learn_data, lear
     assert search.fingerprint(store, {**cfg, "n_trials": 99, "storage": "x"}, train, augment) == tag
     assert search.fingerprint(store, {**cfg, "epochs": cfg["epochs"] + 1}, train, augment) != tag
     assert search.fingerprint(store, cfg, {**train, "seed": 1}, augment) != tag
+    # how the figures are drawn is no setting of the trials either
+    assert search.fingerprint(store, {**cfg, "min_trials_for_importance": 3}, train, augment) == tag
     assert search.study_name("cortical", cfg, tag) == f"bonedamage-cortical-cnn-{tag}"
 
 
@@ -248,3 +254,156 @@ def test_successive_halving_keeps_the_top_share_at_each_rung(
     trial = study.ask()
     trial.report(value, step)
     assert bool(trial.should_prune()) is pruned
+
+
+# -- the study's figures and its journal export, on a toy study (no training) -------------
+
+EPOCHS = 4
+
+
+def toy_study(
+    n_trials: int, pruned_after: dict[int, int] | None = None, storage: object = None
+) -> optuna.Study:
+    """A seeded study of a cheap objective over 3 parameters that reports ``EPOCHS`` scores
+    like the search's trials; trial ``n`` in ``pruned_after`` is pruned after that many."""
+    pruned_after = pruned_after or {}
+    study = optuna.create_study(
+        study_name="toy-cortical-cnn",
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        n = trial.suggest_int("n", 1, 4)
+        bonus = 0.1 if trial.suggest_categorical("c", ["a", "b"]) == "a" else 0.0
+        scores = []
+        for epoch in range(EPOCHS):
+            scores.append(0.4 + 0.4 * x * (epoch + 1) / EPOCHS + bonus - 0.01 * n)
+            trial.report(scores[-1], epoch)
+            if pruned_after.get(trial.number) == epoch + 1:
+                raise optuna.TrialPruned()
+        trial.set_user_attr("epochs_run", EPOCHS)
+        return max(scores)
+
+    study.optimize(objective, n_trials=n_trials)
+    return study
+
+
+def test_history_shows_every_trial_pruned_ones_marked_and_the_best_so_far() -> None:
+    study = toy_study(6, pruned_after={2: 1, 4: 3})
+    fig = search.history_figure(study)
+    ax = fig.axes[0]
+    points = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert [t.number for t in pruned] == [2, 4]
+    # a pruned trial sits at the score of the epoch it stopped at, marked apart
+    assert points["pruned: score of the epoch it stopped at"] == [
+        [t.number, t.intermediate_values[max(t.intermediate_values)]] for t in pruned
+    ]
+    assert points["complete: best epoch's score"] == [[t.number, t.value] for t in complete]
+    (best,) = [line for line in ax.lines if line.get_label() == "best so far"]
+    running = [max(t.value for t in complete[: i + 1]) for i in range(len(complete))]
+    assert list(best.get_ydata()) == [*running, running[-1]]
+    assert list(best.get_xdata()) == [*(t.number for t in complete), 5]  # to the last trial
+    assert ax.get_ylabel() == "validation balanced accuracy (val_balanced_accuracy)"
+    assert search.OBJECTIVE == "val_balanced_accuracy"  # the score each trial reports
+    assert "6 trials (4 complete, 2 pruned)" in ax.get_title()
+
+
+def test_importances_from_too_few_complete_trials_say_why_there_are_none() -> None:
+    study = toy_study(5, pruned_after={0: 1, 3: 2})
+    fig = search.importance_figure(study, seed=0, min_trials=8)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "3 complete trials: too few to rank 3 parameters" in texts
+    assert not fig.axes[0].patches  # no bars
+
+
+def test_importances_rank_every_parameter_from_enough_complete_trials() -> None:
+    study = toy_study(9, pruned_after={1: 1})
+    fig = search.importance_figure(study, seed=0, min_trials=8)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3  # one bar per parameter
+    assert {t.get_text() for t in ax.get_yticklabels()} == {"x", "n", "c"}
+    assert "from 8 complete trials" in ax.get_title(loc="left")
+    assert not [t for t in ax.texts if "too few" in t.get_text()]
+
+
+def test_save_plots_writes_the_same_bytes_every_time(tmp_path: Path) -> None:
+    study = toy_study(6, pruned_after={2: 1})
+    first = search.save_plots(study, tmp_path / "a", min_trials_for_importance=3)
+    # Optuna's importance plot changes matplotlib's global style: not the next history plot
+    again = search.save_plots(study, tmp_path / "b", min_trials_for_importance=3)
+    assert [p.name for p in first] == ["optimization_history.png", "param_importances.png"]
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first]
+
+
+def load_journal(path: Path) -> optuna.Study:
+    return optuna.load_study(study_name=None, storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+def test_exported_journal_holds_every_finished_trial(tmp_path: Path) -> None:
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "live.journal")))
+    study = toy_study(3, pruned_after={1: 2}, storage=storage)
+    study.ask()  # left RUNNING, as by a killed process: not a finished trial
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)
+    path = search.export_journal(study, tmp_path / "out" / search.JOURNAL_NAME)
+    loaded = load_journal(path)
+    assert loaded.study_name == study.study_name
+    assert loaded.metric_names == [search.OBJECTIVE]
+    finished = study.get_trials(states=search.FINISHED)
+    assert [t.number for t in loaded.trials] == [0, 1, 2, 3]  # renumbered without the gap
+    assert [t.state for t in loaded.trials] == [t.state for t in finished]
+    assert loaded.trials[1].state == TrialState.PRUNED
+    for got, want in zip(loaded.trials, finished, strict=True):
+        assert got.params == want.params and got.distributions == want.distributions
+        assert got.value == want.value and got.intermediate_values == want.intermediate_values
+        assert got.user_attrs == want.user_attrs
+        assert got.system_attrs == {}  # no resume state
+    assert loaded.best_trial.params == study.best_trial.params
+
+
+def test_exported_journal_bytes_depend_on_the_trials_only(tmp_path: Path, monkeypatch) -> None:
+    """Two runs of the same study (other wall times, other random worker ids, another time
+    zone) export the same bytes: the journal is a committed pipeline output."""
+    first = search.export_journal(toy_study(4, pruned_after={1: 1}), tmp_path / "a.journal")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        time.sleep(0.01)
+        again = search.export_journal(toy_study(4, pruned_after={1: 1}), tmp_path / "b.journal")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert again.read_bytes() == first.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["a.journal", "b.journal"]  # no lock files
+
+
+def test_optuna_dashboard_opens_the_exported_journal(tmp_path: Path) -> None:
+    """``optuna-dashboard <file>`` takes the file as its storage: its WSGI app, given the
+    path as the CLI gives it, lists the study with every trial (no server started)."""
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    path = search.export_journal(toy_study(4, pruned_after={2: 1}), tmp_path / "s.journal")
+    before = path.read_bytes()
+    app = optuna_dashboard.wsgi(str(path))
+
+    def get(url: str) -> dict:
+        environ = {"PATH_INFO": url, "REQUEST_METHOD": "GET"}
+        setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+        assert status == ["200 OK"], body[:500]
+        return json.loads(body)
+
+    (summary,) = get("/api/studies")["study_summaries"]
+    assert summary["study_name"] == "toy-cortical-cnn"
+    detail = get(f"/api/studies/{summary['study_id']}")
+    assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete", "Pruned", "Complete"]
+    assert detail["objective_names"] == [search.OBJECTIVE]
+    assert len(detail["trials"][2]["intermediate_values"]) == 1
+    assert path.read_bytes() == before  # reading leaves the committed file as it was

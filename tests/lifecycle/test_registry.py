@@ -144,6 +144,13 @@ def test_register_creates_three_models_with_challenger_and_version_tags(env) -> 
         for key in ("data.raw_md5", "git.commit", "params", "test_set", "model.md5"):
             assert v.tags.get(key), (name, key)
         assert float(v.tags["metric.balanced_accuracy"]) == pytest.approx(0.80)
+    families = {f"t-{TISSUE}-cnn": "cnn", f"t-{TISSUE}-resnet": "resnet", f"t-{TISSUE}": "tissue"}
+    for name, kind in families.items():
+        model = client.get_registered_model(name)
+        assert model.tags == {"tissue": TISSUE, "family": kind}
+        assert TISSUE in model.description and "@champion" in model.description
+    descriptions = {client.get_registered_model(name).description for name in families}
+    assert len(descriptions) == 3  # one description per family
     # the tissue model is the CNN: its validation score beats the ResNet's
     tissue = client.get_model_version_by_alias(f"t-{TISSUE}", registry.CHALLENGER)
     assert tissue.tags["architecture"] == "cnn"
@@ -492,3 +499,22 @@ def test_promote_compares_with_the_champion_of_the_moment_it_moves_the_alias(
     assert client.moved and not decision.promote
     assert decision.champion_before == 2 and "worse" in decision.reason
     assert int(client.get_model_version_by_alias("moving", registry.CHAMPION).version) == 2
+
+
+def test_a_version_leads_to_the_run_that_trained_its_weights(env) -> None:
+    """The pyfunc is logged in the training run found in the store (its test metrics
+    too), so the version's source run is that run, not a run of the registration."""
+    mlflow.set_tracking_uri(env["uri"])
+    trained = {"stage": "train_cnn", "scheme": "grouped", "tissue": TISSUE}
+    with mlflow.start_run(run_name=f"train_cnn-{TISSUE}", tags=trained) as run:
+        pass
+    register_version(env, "trained", seed=11, ba=0.71, auc=0.81)
+    client = MlflowClient()
+    for name in (f"t-{TISSUE}-cnn", f"t-{TISSUE}"):  # the tissue model is the same CNN
+        version = client.get_model_version_by_alias(name, registry.CHALLENGER)
+        assert version.run_id == run.info.run_id, name
+    after = client.get_run(run.info.run_id)
+    assert after.data.metrics["test_balanced_accuracy"] == pytest.approx(0.71)
+    assert after.data.tags["stage"] == "train_cnn" and after.info.status == "FINISHED"
+    resnet = client.get_model_version_by_alias(f"t-{TISSUE}-resnet", registry.CHALLENGER)
+    assert client.get_run(resnet.run_id).data.tags["stage"] == "register"  # none in the store

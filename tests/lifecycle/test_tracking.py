@@ -31,6 +31,19 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+def test_the_experiment_is_marked_for_model_development(store: str, tmp_path: Path) -> None:
+    experiment = mlflow.get_experiment_by_name("test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made before (or by MLflow's UI) gets the mark on the next configure
+    client = mlflow.MlflowClient()
+    client.set_experiment_tag(
+        experiment.experiment_id, "mlflow.experimentKind", "genai_development"
+    )
+    tracking.configure({"db": "t.db", "artifacts": "art", "experiment": "test"}, tmp_path)
+    again = mlflow.get_experiment_by_name("test")
+    assert again.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_tracking_uri_env_overrides_the_default(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
     uri = tracking.configure({"db": "ignored.db", "artifacts": "a", "experiment": "e"}, tmp_path)

@@ -13,7 +13,10 @@ failed (``grouped_specimens: expect_column_values_to_be_in_set(n_splits)``).
 great-expectations runs offline and quietly: an ephemeral in-memory context, analytics
 off, progress bars off. It is imported inside the functions (the import takes seconds).
 Data Docs HTML is built into a temporary folder next to ``docs_dir`` and renamed into
-place, so a failing validation leaves complete docs and a crash leaves none.
+place, so a failing validation leaves complete docs and a crash leaves none. Beside the
+Data Docs (whose pages load their scripts, styles and status icons from CDNs, so offline
+they show an empty index), ``summary.md`` lists every expectation of every suite with its
+outcome and what was observed, self-contained: no remote asset, no script.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,7 @@ MANIFEST_NULLABLE = ("load_step", "applied_strain")
 TILES_NULLABLE = ("damage_fraction",)  # real scans have no damage mask
 UNSAFE_PATH = r"^/|(?:^|/)\.\.(?:/|$)"  # absolute, or stepping out with ".."
 MAX_EXAMPLES = 5
+SUMMARY_NAME = "summary.md"  # the offline summary, beside the Data Docs' index.html
 
 
 @dataclass
@@ -85,13 +89,42 @@ class Failure:
 
 
 @dataclass
+class Outcome:
+    """One expectation's outcome, passed or failed, for the offline summary."""
+
+    expectation: str
+    column: str | None
+    settings: str
+    description: str | None
+    success: bool
+    observed: str
+
+
+@dataclass
+class SuiteOutcome:
+    """A suite: its name, the rows of the table it validated, and each expectation's outcome."""
+
+    name: str
+    rows: int
+    outcomes: list[Outcome]
+
+
+@dataclass
 class ValidationReport:
-    """Outcome of :func:`validate_tables`."""
+    """Outcome of :func:`validate_tables`. ``suites`` holds every expectation's outcome (for
+    :meth:`markdown`); the JSON form (:meth:`to_dict`, metrics/validation.json) keeps the
+    failures only."""
 
     success: bool
     failures: list[Failure]
     n_expectations: int
     docs_index: Path | None = None
+    suites: list[SuiteOutcome] = field(default_factory=list)
+
+    @property
+    def summary_file(self) -> Path | None:
+        """The offline summary beside the Data Docs, when they were built."""
+        return None if self.docs_index is None else self.docs_index.parent / SUMMARY_NAME
 
     def summary(self) -> str:
         """One line per failure, or a single line saying that everything passed."""
@@ -101,10 +134,58 @@ class ValidationReport:
         return "\n".join([head, *(f"  {f.line()}" for f in self.failures)])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (paths as strings)."""
+        """JSON-able form (paths as strings), without the passed expectations."""
         out = asdict(self)
+        out.pop("suites")
         out["docs_index"] = str(self.docs_index) if self.docs_index is not None else None
         return out
+
+    def markdown(self) -> str:
+        """Every suite and expectation with its status and observed value, as a Markdown
+        page that needs nothing but itself: no remote asset, no script, no link."""
+        n_failed = len(self.failures)
+        verdict = "PASSED" if self.success else "FAILED"
+        head = (
+            f"all {self.n_expectations} expectations passed"
+            if self.success
+            else f"{n_failed} of {self.n_expectations} expectations failed"
+        )
+        lines = [
+            f"# Data validation: {verdict} ({head})",
+            "",
+            "Every great-expectations suite that `bonedamage validate` ran on the scan manifest,",
+            "the tile index, the splits and the tables derived from them, with each expectation's",
+            "outcome and what was observed. The Data Docs beside this file (`index.html`) hold the",
+            "same results but load their scripts and icons from the web.",
+            "",
+            "| suite | rows | expectations | failed |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for suite in self.suites:
+            failed = sum(not o.success for o in suite.outcomes)
+            lines.append(f"| {suite.name} | {suite.rows} | {len(suite.outcomes)} | {failed} |")
+        for suite in self.suites:
+            failed = sum(not o.success for o in suite.outcomes)
+            state = "all passed" if not failed else f"{failed} failed"
+            rows = _count(suite.rows, "row")
+            lines += [
+                "",
+                f"## {suite.name}: {_count(len(suite.outcomes), 'expectation')} on {rows}, {state}",
+                "",
+                "| status | expectation | column | settings | observed |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for o in suite.outcomes:
+                name = o.expectation + (f" ({_cell(o.description)})" if o.description else "")
+                cells = [
+                    "pass" if o.success else "**FAIL**",
+                    name,
+                    _cell(o.column or ""),
+                    _code(o.settings),
+                    _code(o.observed),
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -519,18 +600,89 @@ def _examples(values: Sequence[Any]) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _cell(text: str) -> str:
+    """``text`` on one line of a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """``text`` as inline code in a Markdown table cell (regexes and values show as typed)."""
+    text = _cell(text)
+    if not text:
+        return ""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _setting(value: Any) -> str:
+    """One setting of an expectation, shortened: long value sets show their first values."""
+    value = _plain(value)
+    if isinstance(value, float) and abs(value) == BIG:
+        return "-max float" if value < 0 else "max float"
+    if isinstance(value, list | tuple) and len(value) > MAX_EXAMPLES:
+        shown = ", ".join(repr(v) for v in value[:MAX_EXAMPLES])
+        return f"[{shown}, ... ({len(value)} values)]"
+    text = f"'{value}'" if isinstance(value, str) else repr(value)  # a regex as written
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_NOT_SETTINGS = {"batch_id", "column", "column_A", "column_B", "column_list", "result_format"}
+
+
+def _columns(kwargs: dict[str, Any]) -> str | None:
+    """The column(s) an expectation checks, as its failure names them."""
+    if "column" in kwargs:
+        return kwargs["column"]
+    if "column_A" in kwargs:
+        return f"{kwargs['column_A']},{kwargs['column_B']}"
+    if "column_list" in kwargs:
+        return ",".join(kwargs["column_list"])
+    return None
+
+
+def _outcome(suite: _Suite, result: Any) -> Outcome:
+    """One expectation result, passed or failed, as a row of the offline summary."""
+    config = result.expectation_config
+    kwargs = dict(config.kwargs)
+    settings = ", ".join(f"{k}={_setting(v)}" for k, v in kwargs.items() if k not in _NOT_SETTINGS)
+    res = dict(result.result or {})
+    if not result.success:
+        observed = _details(suite, result)
+    elif config.type == "expect_column_to_exist":
+        observed = "present"
+    elif "unexpected_count" in res:
+        observed = f"{res['unexpected_count']} unexpected of {res.get('element_count')}"
+    elif res.get("observed_value") is not None:
+        observed = f"observed {_examples([res['observed_value']])[1:-1]}"
+    elif "partial_missing_list" in res:
+        observed = "none missing"
+    else:
+        observed = "passed"
+    column = kwargs.get("column")
+    if config.type == "expect_column_values_to_be_between" and column in suite.df.columns:
+        values = pd.to_numeric(suite.df[column], errors="coerce").dropna()
+        if len(values):
+            observed += f"; values {values.min():g} to {values.max():g}"
+    return Outcome(
+        config.type, _columns(kwargs), settings, config.description, bool(result.success), observed
+    )
+
+
 def _failure(suite: _Suite, result: Any) -> Failure:
     """Turn one failed expectation result into a :class:`Failure` with readable details."""
     config = result.expectation_config
-    kwargs = config.kwargs
-    if "column" in kwargs:
-        column: str | None = kwargs["column"]
-    elif "column_A" in kwargs:
-        column = f"{kwargs['column_A']},{kwargs['column_B']}"
-    elif "column_list" in kwargs:
-        column = ",".join(kwargs["column_list"])
-    else:
-        column = None
+    details = _details(suite, result)
+    if config.description:
+        details = f"{details} [{config.description}]"
+    return Failure(suite.name, config.type, _columns(config.kwargs), details)
+
+
+def _details(suite: _Suite, result: Any) -> str:
+    """What a failed expectation saw: the error, the missing column, or offending values."""
+    config = result.expectation_config
     info = result.exception_info or {}
     res = dict(result.result or {})
     if info.get("raised_exception"):
@@ -552,9 +704,7 @@ def _failure(suite: _Suite, result: Any) -> Failure:
         details = f"observed {_examples([res['observed_value']])[1:-1]}"
     else:
         details = "failed"
-    if config.description:
-        details = f"{details} [{config.description}]"
-    return Failure(suite.name, config.type, column, details)
+    return details
 
 
 def _run(suites: list[_Suite], site_dir: Path | None) -> ValidationReport:
@@ -564,6 +714,7 @@ def _run(suites: list[_Suite], site_dir: Path | None) -> ValidationReport:
     source = context.data_sources.add_pandas("bonedamage")
     run_id = gx.RunIdentifier(run_name="bonedamage-validate", run_time=datetime.now(UTC))
     failures: list[Failure] = []
+    outcomes: list[SuiteOutcome] = []
     n_expectations = 0
     for suite in suites:
         batch = source.add_dataframe_asset(suite.name).add_batch_definition_whole_dataframe("all")
@@ -583,16 +734,19 @@ def _run(suites: list[_Suite], site_dir: Path | None) -> ValidationReport:
         df = suite.df.reset_index(drop=True)
         suite.df = df
         result = checkpoint.run(batch_parameters={"dataframe": df}, run_id=run_id)
+        done = SuiteOutcome(suite.name, len(df), [])
         for validation in result.run_results.values():
             for item in validation.results:
                 n_expectations += 1
+                done.outcomes.append(_outcome(suite, item))
                 if not item.success:
                     failures.append(_failure(suite, item))
+        outcomes.append(done)
     docs_index = None
     if site_dir is not None:
         context.build_data_docs()
         docs_index = site_dir / "index.html"
-    return ValidationReport(not failures, failures, n_expectations, docs_index)
+    return ValidationReport(not failures, failures, n_expectations, docs_index, outcomes)
 
 
 def validate_tables(
@@ -605,7 +759,8 @@ def validate_tables(
     inputs: Sequence[Path] = (),
     force: bool = False,
 ) -> ValidationReport:
-    """Validate the manifest, tile index and splits; build Data Docs in ``docs_dir`` if given.
+    """Validate the manifest, tile index and splits; build Data Docs and the offline
+    summary (:data:`SUMMARY_NAME`) in ``docs_dir`` if given.
 
     ``cfg`` is the ``validate`` section of params.yaml (``max_class_imbalance``,
     ``min_tiles_per_class``). A failing validation is reported, not raised: the caller
@@ -622,4 +777,5 @@ def validate_tables(
     docs_dir = Path(docs_dir)
     with atomic_dir(docs_dir, owner="validate", inputs=inputs, force=force) as tmp:
         report = _run(suites, tmp.resolve())  # GX needs an absolute site folder
+        (tmp / SUMMARY_NAME).write_text(report.markdown(), encoding="utf-8", newline="\n")
     return replace(report, docs_index=docs_dir / "index.html")

@@ -35,6 +35,46 @@ def cam_file_name(tile_id: str) -> str:
     return tile_id.replace("/", "__") + ".tif"
 
 
+NONE_OF = {  # what an outcome without tiles means
+    "tp": "no failed tile was called failed",
+    "fp": "no pristine tile was called failed",
+    "tn": "no pristine tile was called pristine",
+    "fn": "no failed tile was called pristine",
+}
+
+
+def pixel_size_um(store: TileStore, positions: np.ndarray) -> float | None:
+    """The tiles' pixel size in um (their working voxel size); None when the tiles do not
+    share one (no scale bar is better than a wrong one)."""
+    sizes = np.unique(store.index["voxel_size_um"].to_numpy(dtype=np.float64)[positions])
+    return float(sizes[0]) if len(sizes) == 1 else None
+
+
+def outcome_text(
+    outcome: str, tissue: str, model_name: str, layer_name: str, method: str, tile_um: float | None
+) -> dict[str, str]:
+    """The words of one outcome's overlay grid: ``title`` (map, tissue, model, layer and
+    the outcome), ``note`` (what grey, colour, p(failed) and every outcome mean) and
+    ``empty`` (the placeholder of an outcome without tiles)."""
+    cam = gradcam.CAM_NAMES.get(method, method)
+    size = f"{tile_um:g} µm wide; " if tile_um else ""
+    name, meaning = gradcam.OUTCOME_TEXT[outcome].split(": ", 1)
+    legend = "; ".join(
+        f"{key} = {text.split(': ', 1)[1]}" for key, text in gradcam.OUTCOME_TEXT.items()
+    )
+    return {
+        "title": f"{cam} (failed class) · {tissue} · model {model_name} · target layer "
+        f"{layer_name}\n{name.capitalize()} ({outcome}): {meaning} · test split, most "
+        "confident first",
+        "note": f"Grey: the tile ({size}of a 2.5-D tile, its middle plane); colour, "
+        f"translucent over it: where {cam} finds evidence for the failed class, scaled 0-1 "
+        "per tile. p(failed): the model's probability that the tile comes from a failed "
+        f"specimen; the tile is called failed when p(failed) > {THRESHOLD:g}.\nOutcomes: "
+        f"{legend}.",
+        "empty": f"no {outcome} tiles in the test split\n({NONE_OF[outcome]})",
+    }
+
+
 def export_outcomes(
     model: Any,
     store: TileStore,
@@ -44,19 +84,42 @@ def export_outcomes(
     cfg: dict[str, Any],
     layer: str | None,
     out: Path,
+    *,
+    model_name: str = "model",
+    layer_name: str | None = None,
 ) -> pd.DataFrame:
-    """Overlay grids per outcome, CAM TIFFs and their index; return the index."""
+    """Overlay grids per outcome (``<outcome>.png``, a placeholder figure for an outcome
+    without tiles), CAM TIFFs and their index; return the index. ``model_name`` and
+    ``layer_name`` (default: ``layer``, or the last conv block) head the figures."""
     picks = gradcam.select_by_outcome(labels, prob, int(cfg["n_per_outcome"]), THRESHOLD)
+    tissue = ", ".join(sorted(set(store.index["tissue"].to_numpy()[positions].astype(str))))
+    pixel = pixel_size_um(store, positions) if len(positions) else None
+    tile_px = int(store.index["tile_px"].iloc[positions[0]]) if len(positions) else 0
+    layer_name = layer_name or (layer if isinstance(layer, str) else "last conv block")
+    layer_name = layer_name.replace(",", ", ")  # one per member of an ensemble
     rows = []
     for outcome in gradcam.OUTCOMES:
         chosen = picks[outcome]
+        text = outcome_text(
+            outcome, tissue, model_name, layer_name, cfg["method"], pixel and pixel * tile_px
+        )
         if len(chosen) == 0:
+            nothing = np.empty((0, tile_px, tile_px), np.float32)
+            gradcam.overlay_grid(nothing, nothing, [], out / f"{outcome}.png", **text)
             continue
         tiles = store.tiles(positions[chosen])
         cams = gradcam.compute_cams(model, tiles, cfg["method"], layer, int(cfg["batch_size"]))
         ids = store.index["tile_id"].to_numpy()[positions[chosen]]
-        titles = [f"{outcome} p={prob[i]:.2f}" for i in chosen]
-        gradcam.overlay_grid(tiles, cams, titles, out / f"{outcome}.png")
+        titles = [f"p(failed) = {prob[i]:.2f}" for i in chosen]
+        gradcam.overlay_grid(
+            tiles,
+            cams,
+            titles,
+            out / f"{outcome}.png",
+            pixel_um=pixel,
+            map_name=gradcam.CAM_NAMES.get(cfg["method"], cfg["method"]),
+            **text,
+        )
         for i, tile_id, cam in zip(chosen, ids, cams, strict=True):
             name = cam_file_name(str(tile_id))
             gradcam.write_cam_tiff(out / "cams" / name, cam)
@@ -149,7 +212,10 @@ def explain_model(
     model = build_module(cand.meta, cand.weights)
     prob = gradcam.failed_probability(model, store.tiles(positions))
     layer, record, layers = choose_layer(model, *damaged["val"], cfg, cand.architecture)
-    export_outcomes(model, store, positions, labels, prob, cfg, layer, out_dir)
+    export_outcomes(
+        model, store, positions, labels, prob, cfg, layer, out_dir,
+        model_name=cand.key, layer_name=record["layer"],
+    )  # fmt: skip
     if layers:
         write_text_atomic(out_dir / "layers.json", json.dumps(layers, indent=2) + "\n")
     return {"method": cfg["method"], **record, **localization(model, *damaged["test"], cfg, layer)}

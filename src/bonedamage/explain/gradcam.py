@@ -15,16 +15,20 @@ Two questions are answered separately:
 * faithfulness (no mask): does the model really rely on the highlighted pixels?
   :func:`faithfulness` (ROAD, from pytorch-grad-cam's metrics).
 
-Export: :func:`overlay_grid` (PNG), :func:`write_cam_tiff` (float32 TIFF), and
-:func:`select_by_outcome` to pick true/false positives/negatives to show.
+Export: :func:`overlay_figure` (a grid of tiles under their maps, with a colour bar, a
+scale bar and labels) and :func:`overlay_grid` (it as a PNG), :func:`write_cam_tiff`
+(float32 TIFF), and :func:`select_by_outcome` to pick true/false positives/negatives to
+show.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
@@ -42,6 +46,10 @@ from torch import nn
 from bonedamage.atomic import atomic_path
 from bonedamage.data.tilestore import centre_plane, with_channels
 from bonedamage.learn.models import Ensemble, gradcam_target_layer
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 FAILED = 1  # class index of "failed" in the models' two logits
 DEFAULT_METHOD = "gradcam"
@@ -470,48 +478,171 @@ def select_by_outcome(
     return out
 
 
+CAM_NAMES: Mapping[str, str] = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "eigencam": "EigenCAM",
+    "scorecam": "Score-CAM",
+}
+OUTCOME_TEXT: Mapping[str, str] = {
+    "tp": "true positives: failed tiles called failed",
+    "fp": "false positives: pristine tiles called failed",
+    "tn": "true negatives: pristine tiles called pristine",
+    "fn": "false negatives: failed tiles called pristine",
+}
+# the map over the tile: a perceptual colormap, translucent so that the bone stays visible
+CAM_CMAP = "inferno"
+CAM_ALPHA = 0.4
+SCALE_BAR_STEPS = (1.0, 2.0, 5.0)  # a scale bar is 1, 2 or 5 x 10^k um long
+SCALE_BAR_SHARE = 0.3  # at most this share of the tile's width
+
+
+def scale_bar_um(width_um: float) -> float:
+    """A round scale-bar length for a panel ``width_um`` wide: the longest 1, 2 or 5 x 10^k
+    um that is at most :data:`SCALE_BAR_SHARE` of the width (readable, never crowding)."""
+    if not (math.isfinite(width_um) and width_um > 0):
+        raise ValueError(f"panel width must be a positive length in um, got {width_um}")
+    limit = SCALE_BAR_SHARE * width_um
+    power = 10.0 ** math.floor(math.log10(limit))
+    return max(s * power for s in SCALE_BAR_STEPS if s * power <= limit * (1 + 1e-9))
+
+
+def _length_text(um: float) -> str:
+    return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+
+
+def _scale_bar(ax: Axes, shape: tuple[int, int], pixel_um: float) -> None:
+    """A white bar with its length in um, bottom right inside the panel (gid "scale-bar")."""
+    from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
+
+    h, w = shape
+    length_um = scale_bar_um(w * pixel_um)
+    length = length_um / pixel_um  # in pixels: the axes' data units
+    thick, margin = max(1.0, 0.03 * h), 0.05 * w
+    x0, y0 = w - 0.5 - margin - length, h - 0.5 - margin - thick
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    ax.add_patch(
+        Rectangle((x0, y0), length, thick, facecolor="white", edgecolor="black",
+                  linewidth=0.6, gid="scale-bar")
+    )  # fmt: skip
+    ax.text(x0 + length / 2, y0 - 0.5, _length_text(length_um), ha="center", va="bottom",
+            color="white", fontsize=7, path_effects=outline, gid="scale-bar-label")  # fmt: skip
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> list[str]:
+    """``text`` wrapped to lines about ``width_in`` inches wide (paragraphs kept)."""
+    chars = max(20, int(width_in * 72 / (0.52 * fontsize)))
+    return [line for part in text.split("\n") for line in textwrap.wrap(part, chars) or [""]]
+
+
+def overlay_figure(
+    tiles: np.ndarray,
+    cams: np.ndarray,
+    labels: Sequence[str] | None = None,
+    *,
+    title: str = "",
+    note: str = "",
+    pixel_um: float | None = None,
+    empty: str = "no tiles",
+    map_name: str = CAM_NAMES[DEFAULT_METHOD],
+    ncols: int = 4,
+    alpha: float = CAM_ALPHA,
+    cmap: str = CAM_CMAP,
+) -> Figure:
+    """A grid figure of tiles with their maps (a matplotlib ``Figure`` on an Agg canvas).
+
+    Each panel is a tile in grey (0..1; a 2.5-D tile by its tiled, middle plane) under its
+    map (``cmap`` at ``alpha``, 0..1) with ``labels[i]`` above it; a colour bar names the
+    map (``map_name``, 0-1); ``pixel_um`` (the tiles' pixel size) adds a scale bar to the
+    first panel. ``title`` heads the figure and ``note`` (wrapped) explains it below the
+    grid. No tiles: one placeholder panel saying ``empty``, so that the file still exists
+    and says why it shows nothing. Always ``ncols`` columns, so figures of the same
+    settings have the same width. No pyplot state.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    if pixel_um is not None and not (math.isfinite(pixel_um) and pixel_um > 0):
+        raise ValueError(f"pixel_um must be a positive pixel size in um, got {pixel_um}")
+    n = len(tiles)
+    if n:
+        arr = _as_tiles(tiles)
+        cams = _as_maps(cams)
+        _check_pairs(arr, cams)
+        grey = centre_plane(arr)  # 2.5-D tiles: the tiled (middle) plane
+    elif len(cams):
+        raise ValueError(f"{len(cams)} maps for no tiles")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} titles for {n} tiles")
+    nrows = max(1, math.ceil(n / ncols))
+    # layout in inches: title, rows of (label, panel), note; colour bar on the right
+    panel, gap, label_h, side = 1.8, 0.12, 0.34 if labels is not None else 0.08, 0.2
+    bar_gap, bar_w, bar_label = 0.2, 0.14, 0.75
+    grid_w = ncols * panel + (ncols - 1) * gap
+    width = side + grid_w + bar_gap + bar_w + bar_label
+    title_lines = _wrap(title, width - 2 * side, 10) if title else []
+    note_lines = _wrap(note, width - 2 * side, 7.5) if note else []
+    top = 0.1 + 0.22 * len(title_lines)
+    bottom = 0.15 + 0.16 * len(note_lines)
+    grid_h = nrows * (label_h + panel)
+    height = top + grid_h + bottom
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+
+    def box(x: float, y_top: float, w: float, h: float) -> list[float]:
+        """[left, bottom, width, height] in figure fractions of a box given in inches."""
+        return [x / width, 1 - (y_top + h) / height, w / width, h / height]
+
+    for k, line in enumerate(title_lines):
+        weight = "bold" if k == 0 else "normal"
+        fig.text(side / width, 1 - (0.1 + 0.22 * k) / height, line, fontsize=10,
+                 fontweight=weight, va="top", ha="left")  # fmt: skip
+    for k, line in enumerate(note_lines):
+        fig.text(side / width, (bottom - 0.1 - 0.16 * k) / height, line, fontsize=7.5,
+                 va="top", ha="left", color="0.2")  # fmt: skip
+    if n == 0:
+        ax = fig.add_axes(box(side, top + label_h, grid_w, panel))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_facecolor("0.92")
+        ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=11, color="0.25",
+                transform=ax.transAxes, wrap=True)  # fmt: skip
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        y = top + r * (label_h + panel) + label_h
+        ax = fig.add_axes(box(side + c * (panel + gap), y, panel, panel))
+        ax.set_axis_off()
+        ax.imshow(grey[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(cams[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="nearest")
+        if labels is not None:
+            ax.set_title(str(labels[i]), fontsize=8, pad=3)
+        if pixel_um is not None and i == 0:
+            _scale_bar(ax, grey.shape[1:], pixel_um)
+    if n:
+        cax = fig.add_axes(box(side + grid_w + bar_gap, top + label_h, bar_w, grid_h - label_h))
+        mappable = ScalarMappable(Normalize(0.0, 1.0), cmap)
+        bar = fig.colorbar(mappable, cax=cax, ticks=[0.0, 0.5, 1.0])
+        bar.set_label(f"{map_name}, 0-1\n(scaled per tile)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return fig
+
+
 def overlay_grid(
     tiles: np.ndarray,
     cams: np.ndarray,
     titles: Sequence[str] | None,
     path: str | os.PathLike[str],
-    ncols: int = 4,
-    alpha: float = 0.45,
-    cmap: str = "jet",
+    **figure: Any,
 ) -> None:
-    """Write a PNG grid: each tile in grey (0..1) with its map on top (``cmap``, 0..1).
-
-    ``titles`` (one per tile, or None) label the panels. Matplotlib's Agg canvas, no
-    pyplot state; the PNG has no software/date metadata, so the same input gives the
-    same bytes. Written atomically.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    arr = _as_tiles(tiles)
-    cams = _as_maps(cams)
-    _check_pairs(arr, cams)
-    if titles is not None and len(titles) != len(arr):
-        raise ValueError(f"{len(titles)} titles for {len(arr)} tiles")
-    if len(arr) == 0:
-        raise ValueError("overlay_grid needs at least one tile")
-    if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
-    ncols = min(ncols, len(arr))
-    nrows = math.ceil(len(arr) / ncols)
-    grey = centre_plane(arr)  # 2.5-D tiles: the tiled (middle) plane
-    fig = Figure(figsize=(2.0 * ncols, 2.0 * nrows + (0.3 * nrows if titles else 0)), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.ravel()):
-        ax.set_axis_off()
-        if i >= len(arr):
-            continue
-        ax.imshow(grey[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.imshow(cams[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="nearest")
-        if titles is not None:
-            ax.set_title(str(titles[i]), fontsize=8)
-    fig.tight_layout()
+    """Write :func:`overlay_figure` (``titles``: the panels' labels; ``figure``: its
+    keywords) as a PNG, atomically. The PNG has no software/date metadata, so the same
+    input gives the same bytes."""
+    fig = overlay_figure(tiles, cams, titles, **figure)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
 

@@ -29,8 +29,9 @@ Outputs (in ``out``):
   the page spacing is ``slice_stride`` x the scan's voxel; in-plane pixels at the working
   voxel size; NaN where no tile was classified), with the spacing and pixel size in their
   tags so they open at scale in Fiji and napari;
-- ``orthoviews.png``: the middle page and the two orthogonal sections of the probability
-  stack.
+- ``orthoviews.png``: the middle page and the two orthogonal sections through its centre,
+  the scan in grey under the probability map, in um, titled with the scan and its verdict
+  (:func:`orthoviews_figure`).
 
 Memory stays bounded whatever the scan's size: planes are read one at a time, tiles are
 classified in batches, and the stacks are built in memory-mapped files on disk.
@@ -42,7 +43,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,9 @@ from bonedamage.data.volume import (
 )
 from bonedamage.explain import gradcam
 from bonedamage.lifecycle.pyfunc import TileClassifier
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class PredictError(ValueError):
@@ -238,6 +242,8 @@ def predict_scan(
             cam_vol = np.lib.format.open_memmap(Path(scratch) / "c.npy", "w+", np.float32, shape)
             prob_vol[:] = np.nan
             cam_vol[:] = np.nan
+            spacing = settings.slice_stride * voxel  # between pages (see the stacks below)
+            sections = Sections.empty(plane, shape, spacing, settings.working_voxel_um)
             rows: list[dict[str, Any]] = []
             pending: list[_Plane] = []
             bar = tqdm(total=len(indices), desc=f"predict {scan.name}", disable=not progress)
@@ -265,6 +271,7 @@ def predict_scan(
                     cut = first
                 if cut.image.shape != page_shape:
                     raise VolumeError(scan, f"{plane} plane {i} is {cut.image.shape}")
+                sections.record(page_of[i], np.clip(normalize(cut.image, norm.lo, norm.hi), 0, 1))
                 pending.append(_Plane(i, cut))
                 if sum(int(p.cut.keep.sum()) for p in pending) >= batch_size:
                     emit(_flush(model, pending, norm.lo, norm.hi, cam, batch_size, cam_layer))
@@ -283,7 +290,6 @@ def predict_scan(
             _write_tables(staging, tiles, plane, verdict)
             # pages are slice_stride of the scan's own planes apart; in-plane pixels are at
             # the working voxel size (the planes were resampled to it)
-            spacing = settings.slice_stride * voxel
             for name, stack in (("probability", prob_vol), ("cam", cam_vol)):
                 if name == "cam" and not cam:
                     continue
@@ -295,7 +301,8 @@ def predict_scan(
                     voxel_size_um=spacing,
                     pixel_size_um=settings.working_voxel_um,
                 )
-            orthoviews(prob_vol, staging / "orthoviews.png", spacing, settings.working_voxel_um)
+            sections.probability(prob_vol)
+            orthoviews(sections, verdict, staging / "orthoviews.png", settings)
     return verdict
 
 
@@ -467,48 +474,180 @@ def _write_tables(out: Path, tiles: pd.DataFrame, plane: str, verdict: dict) -> 
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
 
 
-def orthoviews(stack: np.ndarray, path: Path, spacing: float, pixel: float) -> None:
-    """The middle page and the two orthogonal sections of a stack, with a colour bar.
+PAGE_AXES = {"axial": ("y", "x"), "coronal": ("z", "x"), "sagittal": ("z", "y")}  # rows, cols
+PROB_CMAP = "viridis"  # p(failed) over the scan: perceptual, and unlike the faded untiled area
+PROB_ALPHA = 0.5
+UNTILED_FADE = 0.6  # the untiled area: the scan under white at this opacity
 
-    Sections are stretched along the page axis to their physical aspect (``spacing`` /
-    ``pixel``); probabilities in magma from 0 to 1, NaN (no tile) in grey. Drawn with
-    Pillow, not a matplotlib figure: it is a fixed cost of every prediction, and a figure
-    costs more than the forward pass of a small scan.
+
+@dataclass
+class Sections:
+    """What :func:`orthoviews` draws: the middle page of the probability stack and the two
+    sections through the page's centre (its middle row and middle column, across all
+    pages), each with the scan under it (normalised as the tiles are, 0..1, at the same
+    pixels). ``record`` takes each page's scan plane as it streams by; ``probability``
+    takes the finished stack. Memory: one page and two sections."""
+
+    plane: str
+    page: int  # the page shown (the middle one)
+    spacing_um: float  # between pages
+    pixel_um: float  # in-plane
+    scan: list[np.ndarray]  # page (h, w), rows section (n, w), columns section (n, h)
+    prob: list[np.ndarray]
+
+    @classmethod
+    def empty(
+        cls, plane: str, shape: tuple[int, int, int], spacing: float, pixel: float
+    ) -> Sections:
+        """Sections of a stack of ``shape`` (pages, h, w), all NaN until filled."""
+        n, h, w = shape
+        blank = [np.full(s, np.nan, np.float32) for s in ((h, w), (n, w), (n, h))]
+        return cls(plane, n // 2, spacing, pixel, blank, [b.copy() for b in blank])
+
+    def record(self, page: int, image: np.ndarray) -> None:
+        """Keep what the figure needs of page ``page``'s scan plane (normalised)."""
+        h, w = image.shape
+        self.scan[1][page] = image[h // 2]
+        self.scan[2][page] = image[:, w // 2]
+        if page == self.page:
+            self.scan[0][:] = image
+
+    def probability(self, stack: np.ndarray) -> None:
+        """Take the page and sections of the finished probability stack (n, h, w)."""
+        _, h, w = stack.shape
+        self.prob = [np.array(stack[self.page]), np.array(stack[:, h // 2]),
+                     np.array(stack[:, :, w // 2])]  # fmt: skip
+
+
+def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
+    """The figure's title: the scan and verdict, why, and the model that gave it."""
+    call = (
+        f"mean p(failed) {verdict['mean_prob_failed']:.2f} over {verdict['n_tiles']} tiles "
+        f"({verdict['failed_tile_share']:.0%} of them called failed); {verdict['rule']}"
+    )
+    lines = [f"{Path(str(verdict['scan'])).name}: verdict {verdict['verdict']}"]
+    if verdict["verdict"] == "uncertain":
+        lines.append(f"the model's own call: {verdict['model_call']}, {call}")
+        lines += [f"uncertain: {reason}" for reason in verdict.get("domain_reasons", [])]
+    else:
+        lines.append(call)
+    lines.append(
+        f"model {verdict.get('model') or '(no URI given)'} "
+        f"({verdict.get('tissue') or 'tissue not recorded'}): {verdict['plane']} tiles of "
+        f"{verdict['tile_um']:g} µm at {verdict['working_voxel_um']:g} µm/px, from one plane in "
+        f"{verdict['slice_stride']} of a scan at {verdict['voxel_size_um']:g} µm/voxel"
+    )
+    return lines
+
+
+def orthoviews_figure(
+    sections: Sections, verdict: dict[str, Any], settings: TileSettings | None = None
+) -> Figure:
+    """Orthogonal views of a prediction (a matplotlib ``Figure`` on an Agg canvas).
+
+    Three panels: the middle page and the sections through its centre, the scan in grey
+    under p(failed) per tile (``PROB_CMAP``, translucent), axes named after the scan's
+    axes with ticks in um (``sections``' voxel sizes, to physical aspect), dashed lines
+    where the other views cut. Where no tile was classified the scan is faded. The title
+    names the scan, the verdict (with the model's call and the reasons when it is
+    uncertain) and the model; a colour bar and a legend explain the colours
+    (``settings``: the filters that left areas untiled). No pyplot state.
     """
+    import textwrap
+
     from matplotlib import colormaps
-    from PIL import Image, ImageDraw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    n, h, w = stack.shape
-    stretch = max(1, round(spacing / pixel))
-    views = [
-        ("page (in-plane)", np.asarray(stack[n // 2])),
-        ("rows x pages", np.repeat(stack[:, h // 2, :], stretch, axis=0)),
-        ("columns x pages", np.repeat(stack[:, :, w // 2], stretch, axis=0)),
-    ]
-    zoom = max(1, ORTHO_PX // max(max(v.shape) for _, v in views))
-    lut = (colormaps["magma"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    s = sections
+    rows_axis, cols_axis = PAGE_AXES[s.plane]
+    page_axis = PLANE_AXIS[s.plane]
+    (h, w), n = s.scan[0].shape, len(s.scan[1])
+    p, d = s.pixel_um, s.spacing_um
 
-    def colour(values: np.ndarray) -> np.ndarray:
-        index = np.clip(np.nan_to_num(values, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8)
-        rgb = lut[index]
-        rgb[np.isnan(values)] = 128
-        return np.kron(rgb, np.ones((zoom, zoom, 1), dtype=np.uint8))
+    def extent(rows: int, row_um: float, cols: int, col_um: float) -> tuple[float, ...]:
+        return (-col_um / 2, (cols - 0.5) * col_um, (rows - 0.5) * row_um, -row_um / 2)
 
-    panels = [(title, colour(v)) for title, v in views]
-    bar = colour(np.linspace(1.0, 0.0, max(p.shape[0] for _, p in panels) // zoom)[:, None])
-    bar = np.repeat(bar[:, :1], 16, axis=1)
-    gap, top = 12, 18
-    width = sum(p.shape[1] for _, p in panels) + bar.shape[1] + gap * (len(panels) + 2) + 24
-    canvas = Image.new("RGB", (width, bar.shape[0] + top + gap), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = gap
-    for title, panel in [*panels, ("p(failed)", bar)]:
-        canvas.paste(Image.fromarray(panel), (x, top))
-        draw.text((x, 3), title, fill="black")
-        x += panel.shape[1] + gap
-    draw.text((x - gap + 4, top), "1", fill="black")
-    draw.text((x - gap + 4, top + bar.shape[0] - 10), "0", fill="black")
-    canvas.save(path, format="PNG")
+    def name(axis: str) -> str:
+        return f"{axis} (µm{', load axis' if axis == 'z' else ''})"
+
+    views = [  # title, scan, prob, extent, (x axis, y axis), cut lines (horizontal, vertical)
+        (f"{s.plane} plane at {page_axis} = {s.page * d:g} µm", s.scan[0], s.prob[0],
+         extent(h, p, w, p), (cols_axis, rows_axis), ((h // 2) * p, (w // 2) * p)),
+        (f"section at {rows_axis} = {(h // 2) * p:g} µm", s.scan[1], s.prob[1],
+         extent(n, d, w, p), (cols_axis, page_axis), (s.page * d, None)),
+        (f"section at {cols_axis} = {(w // 2) * p:g} µm", s.scan[2], s.prob[2],
+         extent(n, d, h, p), (rows_axis, page_axis), (s.page * d, None)),
+    ]  # fmt: skip
+    widths = [v[3][1] - v[3][0] for v in views]
+    heights = [v[3][2] - v[3][3] for v in views]
+    panel_h = 3.2  # inches: the tallest panel
+    scale = panel_h / max(heights)
+    fig_w = sum(widths) * scale + 2.4
+    fig_w = max(fig_w, 9.0)
+    head, *rest = _verdict_lines(verdict)
+    lines = [part for line in rest for part in textwrap.wrap(line, int(fig_w * 15))]
+    title_h, body_h = 0.45 + 0.16 * len(lines), panel_h + 1.7
+    fig = Figure(figsize=(fig_w, title_h + body_h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, body = fig.subfigures(2, 1, height_ratios=[title_h, body_h])
+    top.text(0.01, 1 - 0.1 / title_h, head, fontsize=12, fontweight="bold", va="top")
+    top.text(0.01, 1 - 0.4 / title_h, "\n".join(lines), fontsize=8.5, va="top", linespacing=1.4)
+    axes = body.subplots(1, 3, width_ratios=widths)
+    prob_cmap = colormaps[PROB_CMAP]
+    for ax, (label, scan, prob, ext, (x_name, y_name), (hline, vline)) in zip(
+        axes, views, strict=True
+    ):
+        ax.imshow(np.clip(scan, 0, 1), cmap="gray", vmin=0, vmax=1, extent=ext,
+                  interpolation="nearest")  # fmt: skip
+        ax.imshow(prob, cmap=prob_cmap, vmin=0, vmax=1, alpha=PROB_ALPHA, extent=ext,
+                  interpolation="nearest")  # fmt: skip
+        fade = np.zeros((*prob.shape, 4), np.float32)
+        fade[np.isnan(prob)] = (1.0, 1.0, 1.0, UNTILED_FADE)
+        ax.imshow(fade, extent=ext, interpolation="nearest")
+        ax.axhline(hline, color="cyan", linestyle="--", linewidth=0.8)
+        if vline is not None:
+            ax.axvline(vline, color="cyan", linestyle="--", linewidth=0.8)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(name(x_name), fontsize=8)
+        ax.set_ylabel(name(y_name), fontsize=8)
+        ax.tick_params(labelsize=7)
+    bar = body.colorbar(ScalarMappable(Normalize(0, 1), prob_cmap), ax=axes, shrink=0.9,
+                       ticks=[0, 0.25, 0.5, 0.75, 1])  # fmt: skip
+    bar.set_label("p(failed) of the tile (translucent over the scan)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    filters = (
+        f" (field of view < {settings.min_fov_fraction:.0%} of the tile, bone < "
+        f"{settings.min_bone_fraction:.0%})"
+        if settings is not None
+        else ""
+    )
+    grey = 0.5 * (1 - UNTILED_FADE) + UNTILED_FADE
+    handles = [
+        Patch(facecolor=prob_cmap(0.85), alpha=PROB_ALPHA, edgecolor="0.4",
+              label="colour over the grey scan: p(failed) of the tile there"),
+        Patch(facecolor=(grey, grey, grey), edgecolor="0.4",
+              label="faded scan, no colour: no tile; outside the field of view or too little "
+              f"bone{filters}, or the margin the tile grid leaves"),
+        Line2D([], [], color="cyan", linestyle="--", linewidth=0.8,
+               label="where the other two views cut"),
+    ]  # fmt: skip
+    body.legend(handles=handles, loc="outside lower center", fontsize=7.5, ncols=1,
+               frameon=False)  # fmt: skip
+    return fig
 
 
-ORTHO_PX = 320  # the longest panel side in the PNG, in pixels (integer zoom)
+def orthoviews(
+    sections: Sections,
+    verdict: dict[str, Any],
+    path: Path,
+    settings: TileSettings | None = None,
+) -> None:
+    """Write :func:`orthoviews_figure` as a PNG (no software/date metadata: the same
+    prediction gives the same bytes)."""
+    fig = orthoviews_figure(sections, verdict, settings)
+    fig.savefig(path, format="png", metadata={"Software": None})

@@ -37,6 +37,8 @@ from bonedamage.atomic import write_text_atomic
 
 THRESHOLD = 0.5
 ECE_BINS = 15
+# the classes of labels 0 and 1 (data.tiling.LABELS), as plots name them
+CLASS_NAMES = ("pristine", "failed")
 
 
 def _both_classes(y: np.ndarray, _pred: np.ndarray) -> bool:
@@ -295,6 +297,30 @@ def roc_points(y_true: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
         fpr, tpr, thr = skm.roc_curve(y, p)
     thr = np.where(np.isfinite(thr), thr, 1.0)
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr}).round(6)
+
+
+def confusion_points(
+    y_true: np.ndarray, prob: np.ndarray, threshold: float = THRESHOLD
+) -> pd.DataFrame:
+    """One row per tile (columns actual, predicted: class names), in the given order, for
+    DVC's confusion template: the verdicts (failed when ``prob > threshold``) that
+    :func:`tile_metrics` counts in its confusion matrix."""
+    y, p = _check(y_true, prob)
+    names = np.array(CLASS_NAMES)
+    return pd.DataFrame({"actual": names[y], "predicted": names[(p > threshold).astype(np.int64)]})
+
+
+def history_points(history: list[dict[str, float]]) -> pd.DataFrame:
+    """A fit's per-epoch history (rows of epoch and metrics, as training records it) as a
+    table for plots: epoch first, then the metrics by name, rounded to 6 digits."""
+    if not history:
+        raise ValueError("no epochs in the training history")
+    frame = pd.DataFrame(history)
+    if "epoch" not in frame:
+        raise ValueError(f"training history without epochs: columns {list(frame)}")
+    metrics = sorted(c for c in frame if c != "epoch")
+    frame = frame[["epoch", *metrics]].astype({"epoch": np.int64})
+    return frame.round(6)
 
 
 def _clean(obj: Any) -> Any:

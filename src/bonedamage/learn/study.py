@@ -9,7 +9,9 @@ of worker processes (or machines, with a database URL) pointed at the same stora
 one study. A search killed mid-trial and run again ends with the same trials, scores and
 best configuration as one never interrupted (see ``RESUME_KEY``). Logging is injected
 through :class:`SearchHooks` (MLflow lives in ``lifecycle``), so this module runs with or
-without tracking.
+without tracking. The finished study's figures (:func:`save_plots`) and the study itself as
+a journal file (:func:`export_journal`) are committed outputs, with bytes that depend on
+the trials only, so Optuna's views open a study the pipeline did not re-run.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import fcntl
 import hashlib
 import itertools
 import json
-import logging
 import os
 import warnings
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,9 +32,10 @@ import numpy as np
 import optuna
 import pandas as pd
 from optuna.importance import FanovaImportanceEvaluator
-from optuna.trial import TrialState
+from optuna.storages.journal import BaseJournalBackend
+from optuna.trial import FrozenTrial, TrialState
 
-from bonedamage.atomic import atomic_path
+from bonedamage.atomic import atomic_path, write_text_atomic
 from bonedamage.config import pruner_settings
 from bonedamage.data.tilestore import INDEX_NAME, TileStore
 from bonedamage.learn.datasets import Augment
@@ -51,6 +54,17 @@ ARCH_KEYS = (
     "dense_units",
 )
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVE = "val_balanced_accuracy"  # the metric each trial reports per epoch and maximises
+OBJECTIVE_LABEL = "validation balanced accuracy"
+
+MIN_TRIALS_FOR_IMPORTANCE = 8
+"""Complete trials below which ``param_importances.png`` ranks nothing and says why: a
+fANOVA forest fit on a handful of points ranks a dozen parameters by noise. The default
+of params ``search.min_trials_for_importance``."""
+
+JOURNAL_NAME = "study.journal"  # the exported study, next to the plots
+_EXPORT_WORKER = "bonedamage-export"
+_EXPORT_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 # Every trial records in its system attributes the worker that ran it, its slot (how many
 # trials that worker had finished before it) and the sampler's random state once the trial's
@@ -235,7 +249,7 @@ def fingerprint(store: TileStore, *configs: dict[str, Any]) -> str:
     its study while changed data or settings start a new one in the same storage (a study
     never mixes trials scored on different tiles or search spaces).
     """
-    ignored = {"n_trials", "timeout_s", "storage", "study_prefix"}
+    ignored = {"n_trials", "timeout_s", "storage", "study_prefix", "min_trials_for_importance"}
     settings = [{k: v for k, v in c.items() if k not in ignored} for c in configs]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update((store.root / INDEX_NAME).read_bytes())
@@ -311,7 +325,7 @@ def optimize(
         augment = Augment.from_params(augment_cfg, params["augment_strength"])
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics["val_balanced_accuracy"], epoch)
+            trial.report(metrics[OBJECTIVE], epoch)
             if hooks:
                 hooks.epoch_end(trial, epoch, metrics)
             if trial.should_prune():
@@ -372,41 +386,200 @@ def finished_study(study: optuna.Study) -> optuna.Study:
     return copy
 
 
-def save_plots(study: optuna.Study, out_dir: Path, seed: int = 0) -> list[Path]:
+def save_plots(
+    study: optuna.Study,
+    out_dir: Path,
+    seed: int = 0,
+    min_trials_for_importance: int = MIN_TRIALS_FOR_IMPORTANCE,
+) -> list[Path]:
     """Optimisation history and parameter importances as PNGs (matplotlib, headless).
 
-    The importances' fANOVA forest is seeded and the PNGs carry no software metadata, so
-    the same study gives the same bytes (the files are pipeline outputs in dvc.lock); they
-    show the :func:`finished_study`, so a resumed study gives those of an uninterrupted one.
+    Both show the :func:`finished_study`, so a resumed study gives the figures of an
+    uninterrupted one. The importances' fANOVA forest is seeded and the PNGs carry no
+    software metadata, so the same study gives the same bytes (the files are committed
+    pipeline outputs). With fewer than ``min_trials_for_importance`` complete trials the
+    importances figure says so instead of ranking the parameters.
     """
     study = finished_study(study)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    plots = {
-        "optimization_history.png": ovm.plot_optimization_history,
-        "param_importances.png": partial(
-            ovm.plot_param_importances, evaluator=FanovaImportanceEvaluator(seed=seed)
-        ),
+    figures = {
+        "optimization_history.png": partial(history_figure, study),
+        "param_importances.png": partial(importance_figure, study, seed, min_trials_for_importance),
     }
-    for name, plot in plots.items():
-        try:
-            with warnings.catch_warnings():  # the plots are stable API in all but name
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                ax = plot(study)
-        except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ complete trials
-            logging.getLogger(__name__).warning("no %s: %s", name, exc)
-            continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        fig.set_size_inches(8, 5)
-        fig.tight_layout()
-        with atomic_path(out_dir / name) as tmp:  # a killed search leaves no truncated PNG
-            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    written = []
+    for name, figure in figures.items():
+        # Optuna's plots switch the global style: each figure starts from the default
+        with plt.style.context("default"):
+            fig = figure()
+            with atomic_path(out_dir / name) as tmp:  # a killed search leaves no truncated PNG
+                fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
         plt.close(fig)
         written.append(out_dir / name)
     return written
+
+
+def history_figure(study: optuna.Study) -> Any:
+    """Every trial's value by trial number: complete trials (their objective, the best
+    epoch's score), pruned ones (the score of the epoch they stopped at, Optuna's value of a
+    pruned trial) and the best value so far among complete trials."""
+    import matplotlib.pyplot as plt
+
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.value is not None]
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    ax.scatter(
+        [t.number for t in complete],
+        [t.value for t in complete],
+        color="tab:blue",
+        zorder=3,
+        label="complete: best epoch's score",
+    )
+    ax.scatter(
+        [t.number for t in pruned],
+        [t.value for t in pruned],
+        marker="x",
+        color="tab:red",
+        zorder=3,
+        label="pruned: score of the epoch it stopped at",
+    )
+    if complete:
+        best = np.maximum.accumulate([t.value for t in complete])
+        numbers = [t.number for t in complete]
+        last = max(t.number for t in trials)
+        ax.step(
+            [*numbers, last],
+            [*best, best[-1]],
+            where="post",
+            color="tab:green",
+            label="best so far",
+        )
+    counts = f"{len(complete)} complete, {len(trials) - len(complete)} pruned"
+    ax.set_title(f"{study.study_name}: {len(trials)} trials ({counts})", fontsize=10)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"{OBJECTIVE_LABEL} ({OBJECTIVE})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
+    return fig
+
+
+def importance_figure(study: optuna.Study, seed: int, min_trials: int) -> Any:
+    """fANOVA importances of the parameters for the objective (seeded forest), or a figure
+    that says why there are none: fewer than ``min_trials`` complete trials."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    n_params = len({name for t in study.get_trials(deepcopy=False) for name in t.params})
+    if len(complete) >= max(min_trials, 2):
+        with warnings.catch_warnings():  # the plots are stable API in all but name
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ax = ovm.plot_param_importances(
+                study,
+                evaluator=FanovaImportanceEvaluator(seed=seed),
+                target_name=OBJECTIVE,
+            )
+        fig = ax.figure
+        fig.set_size_inches(8, 5)
+        ax.set_title(
+            f"{study.study_name}: importances from {len(complete)} complete trials",
+            loc="left",
+            fontsize=10,
+        )
+        ax.set_xlabel(f"importance for the {OBJECTIVE_LABEL} (fANOVA)")
+        fig.tight_layout()
+        return fig
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_axis_off()
+    trials = "trial" if len(complete) == 1 else "trials"
+    ax.text(
+        0.5,
+        0.55,
+        f"{len(complete)} complete {trials}: too few to rank {n_params} parameters",
+        ha="center",
+        va="center",
+        fontsize=14,
+    )
+    ax.text(
+        0.5,
+        0.4,
+        f"importances need at least {min_trials} complete trials "
+        "(params search.min_trials_for_importance)",
+        ha="center",
+        va="center",
+        fontsize=10,
+        color="dimgray",
+    )
+    ax.set_title(f"{study.study_name}: parameter importances", fontsize=10)
+    return fig
+
+
+class _MemoryJournal(BaseJournalBackend):
+    """A journal backend holding its logs in memory, for :func:`export_journal`."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        return self.logs[log_number_from:]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self.logs.extend(json.loads(json.dumps(log)) for log in logs)
+
+
+def _exported_trial(trial: FrozenTrial) -> FrozenTrial:
+    """``trial`` without its system attributes (the resume state) and with datetimes made
+    from its number: trial n starts at 2000-01-01 00:00 UTC + n hours and lasts one minute
+    per epoch it reported (the wall times are in MLflow)."""
+    start = _EXPORT_EPOCH + timedelta(hours=trial.number)
+    exported = optuna.trial.create_trial(
+        state=trial.state,
+        value=trial.value,
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs=trial.user_attrs,
+        intermediate_values=trial.intermediate_values,
+    )
+    exported.datetime_start = start
+    exported.datetime_complete = start + timedelta(minutes=len(trial.intermediate_values))
+    return exported
+
+
+def export_journal(study: optuna.Study, path: Path) -> Path:
+    """Write the :func:`finished_study` as an Optuna journal file that
+    ``optuna.load_study(storage=JournalStorage(JournalFileBackend(path)))`` and
+    ``optuna-dashboard <path>`` open: every finished trial, pruned ones included, with its
+    parameters, value, intermediate values and user attributes, and the objective's name.
+
+    The bytes depend on the trials only (a committed pipeline output): the datetimes come
+    from the trial numbers (:func:`_exported_trial`) and every log names one worker,
+    where Optuna would write wall times and a random worker id. The dashboard appends the
+    notes and attributes written in it to the file it opens: annotate a copy.
+    """
+    backend = _MemoryJournal()
+    export = optuna.create_study(
+        storage=optuna.storages.JournalStorage(backend),
+        study_name=study.study_name,
+        directions=study.directions,
+        sampler=optuna.samplers.RandomSampler(seed=0),  # draws nothing: trials are added
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        export.set_metric_names([OBJECTIVE])
+    export.set_user_attr(
+        "datetimes", "trial n: 2000-01-01 UTC + n hours, one minute per epoch (not wall time)"
+    )
+    for trial in finished_study(study).get_trials(deepcopy=False):
+        export.add_trial(_exported_trial(trial))
+    lines = [
+        json.dumps({**log, "worker_id": _EXPORT_WORKER}, separators=(",", ":"))
+        for log in backend.logs
+    ]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

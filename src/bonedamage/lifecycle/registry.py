@@ -44,7 +44,7 @@ from bonedamage.learn.datasets import split_rows
 from bonedamage.learn.models import build_module
 from bonedamage.learn.scoring import THRESHOLD
 from bonedamage.lifecycle.pyfunc import MODEL_CODE
-from bonedamage.lifecycle.tracking import process_tags, version_tags
+from bonedamage.lifecycle.tracking import process_tags, training_run, version_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRICS = ("balanced_accuracy", "roc_auc", "accuracy", "f1", "ece", "scan_accuracy")
@@ -242,7 +242,9 @@ def _version_with(client: MlflowClient, name: str, md5: str, test_set: str, dom:
 def _log_model(
     cand: Candidate, tiling: dict[str, Any], example: tuple, tags: dict, extra: Registration
 ) -> str:
-    """Log the pyfunc (code + weights + sidecars + domain) in a run of its own; return its URI."""
+    """Log the pyfunc (code + weights + sidecars + domain) and the test metrics in the run
+    that trained the weights (a ``register`` run of its own when the store does not have
+    it), so that a registered version leads to its training run; return the model's URI."""
     with tempfile.TemporaryDirectory() as tmp:
         meta, tile = Path(tmp) / "meta.json", Path(tmp) / "tiling.json"
         dom, dom_arrays = Path(tmp) / "domain.json", Path(tmp) / "domain.npz"
@@ -251,8 +253,13 @@ def _log_model(
         tile.write_text(json.dumps(tiling, indent=2, sort_keys=True))
         domain.save(*extra.domains[cand.name], dom, dom_arrays)
         files = {"meta": meta, "tiling": tile, "domain": dom, "domain_arrays": dom_arrays}
-        run_tags = {**tags, **process_tags(), "stage": "register"}
-        with mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags):
+        trained = training_run(str(cand.meta.get("tissue", "")), cand)
+        if trained is None:
+            run_tags = {**tags, **process_tags(), "stage": "register"}
+            run = mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags)
+        else:
+            run = mlflow.start_run(run_id=trained)
+        with run:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
@@ -272,6 +279,11 @@ def _log_model(
     return info.model_uri
 
 
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """A model sidecar without its per-epoch histories (they are the training run's)."""
+    return {k: v for k, v in meta.items() if k not in ("history", "member_histories")}
+
+
 def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dict[str, str]:
     """What a registered version carries: data/code version, params, test metrics."""
     tags = {
@@ -282,7 +294,7 @@ def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dic
         "source_file": cand.weights.as_posix(),
         "model.md5": md5,
         "test_set": test_set,
-        "params": json.dumps(cand.meta, sort_keys=True, default=str)[:4000],
+        "params": json.dumps(_settings(cand.meta), sort_keys=True, default=str)[:4000],
         "val_balanced_accuracy": f"{cand.val_score:.6f}",
     }
     for k in METRICS:
@@ -316,13 +328,13 @@ def register_tissue(
         md5 = file_md5(cand.weights)
         # the domain and the Grad-CAM layer travel with a version: either changed, a new one
         dom = domain_md5({**extra.domains[cand.name][0], "cam": extra.cam_layers})
+        _ensure_model(client, cand)
         version = _version_with(client, cand.name, md5, test_set, dom)
         created = version is None
         if created:
             tags = {**version_tags_of(cand, md5, test_set, repo), "domain.md5": dom}
             if md5 not in logged:
                 logged[md5] = _log_model(cand, tiling, example, tags, extra)
-            _ensure_model(client, cand.name)
             # register_model (not create_model_version): it links the logged model's id,
             # which a tracking server requires for a models:/m-<id> source
             version = mlflow.register_model(logged[md5], cand.name, tags=tags)
@@ -331,13 +343,49 @@ def register_tissue(
     return out
 
 
-def _ensure_model(client: MlflowClient, name: str) -> None:
+_FAMILIES = {
+    "cnn": "the CNN whose architecture an Optuna search chose, trained from scratch",
+    "resnet": "the ResNet (transfer learning) of the initialisation with the best validation score",
+    "tissue": "the better of the tissue's CNN and ResNet on the validation split: the one "
+    "name to call for this tissue",
+}
+_ALIASES = (
+    "Aliases: @challenger is the version the latest pipeline run registered; @champion is "
+    "the version to serve, moved onto the challenger by `bonedamage promote` only when it "
+    "is at least as good on the same test set (the decision is in the version's promotion.* "
+    "tags). Both on one version: it has no better rival yet."
+)
+
+
+def family(cand: Candidate) -> str:
+    """``cnn``, ``resnet`` or ``tissue`` (the name of the tissue's best model)."""
+    tissue = str(cand.meta.get("tissue", ""))
+    return "tissue" if cand.name.endswith(f"-{tissue}") else cand.architecture
+
+
+def model_description(cand: Candidate) -> str:
+    """What a registered model is, by family, and what its aliases mean."""
+    tissue = cand.meta.get("tissue", "?")
+    return (
+        f"Failed-vs-pristine classifier of {tissue} bone tiles: {_FAMILIES[family(cand)]}. "
+        "A pyfunc: raw tiles in, p(failed) out, with how the tiles were cut and the "
+        f"applicability domain it refuses to answer outside. {_ALIASES}"
+    )
+
+
+def _ensure_model(client: MlflowClient, cand: Candidate) -> None:
+    """Create the registered model if needed; keep its description and tags current."""
+    description = model_description(cand)
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(cand.name)
     except MlflowException:
-        client.create_registered_model(
-            name, description="bonedamage failed-vs-pristine tile classifier (pyfunc)"
-        )
+        model = client.create_registered_model(cand.name, description=description)
+    if model.description != description:
+        client.update_registered_model(cand.name, description=description)
+    wanted = {"tissue": str(cand.meta.get("tissue", "")), "family": family(cand)}
+    for key, value in wanted.items():
+        if (model.tags or {}).get(key) != value:
+            client.set_registered_model_tag(cand.name, key, value)
 
 
 def registry_record(
@@ -577,6 +625,21 @@ def _promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
 
 
 # -- what the register and promote stages use -------------------------------------------
+def registered_runs(client: MlflowClient, prefix: str, tissue: str) -> dict[str, str]:
+    """Source run -> metrics key of the tissue's @challenger and @champion versions (the
+    runs that trained them, when the store had those at registration)."""
+    runs: dict[str, str] = {}
+    for name in model_names(prefix, tissue):
+        for alias in (CHALLENGER, CHAMPION):
+            found = _alias(client, name, alias)
+            if found is None:
+                continue
+            version = client.get_model_version(name, str(found[0]))
+            if version.run_id:
+                runs.setdefault(version.run_id, found[1].get("metrics_key", ""))
+    return runs
+
+
 def model_names(prefix: str, tissue: str) -> list[str]:
     """The registered models of a tissue, in the order they are registered."""
     return [f"{prefix}-{tissue}-cnn", f"{prefix}-{tissue}-resnet", f"{prefix}-{tissue}"]

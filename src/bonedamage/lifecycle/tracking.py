@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from bonedamage.lifecycle.registry import Candidate
 
 PROBE_TIMEOUT_S = 5.0
+STUDY_MD5_TAG = "search.study_md5"  # the exported study file a search run holds
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"  # the UI then opens on the runs table
 
 
 class TrackingError(RuntimeError):
@@ -99,6 +102,11 @@ def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
             artifacts = (repo / cfg["artifacts"]).resolve().as_uri()
         mlflow.create_experiment(name, artifact_location=artifacts)
     experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+        # MLflow 3's UI opens an experiment without this tag in its GenAI view
+        MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
+        )
     end_orphaned_runs(experiment.experiment_id)
     return uri
 
@@ -186,6 +194,13 @@ def version_tags(repo: Path = Path()) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v is not None}
 
 
+def study_md5(journal: Path) -> str:
+    """The md5 of an exported study file: which study a search run holds."""
+    import hashlib
+
+    return hashlib.md5(journal.read_bytes()).hexdigest()
+
+
 def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
     """Per-epoch metrics of a fit, stepped by epoch; ``prefix`` tells fits logged to one run
     apart (an ensemble's members)."""
@@ -223,7 +238,7 @@ class MlflowSearchHooks:
         mlflow.end_run(status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
 
 
-def _training_run(tissue: str, cand: Candidate) -> str | None:
+def training_run(tissue: str, cand: Candidate) -> str | None:
     """The MLflow run that trained this candidate (latest match), if the store has it."""
     if cand.architecture == "cnn":
         where = "tags.stage = 'train_cnn' and tags.scheme = 'grouped'"
@@ -246,7 +261,7 @@ def log_explanation(tissue: str, cand: Candidate, out: Path, metrics: dict[str, 
     import numpy as np
 
     numbers = {f"gradcam_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    run_id = _training_run(tissue, cand)
+    run_id = training_run(tissue, cand)
     if run_id is None:
         with mlflow.start_run(
             run_name=f"explain-{tissue}-{cand.key}",

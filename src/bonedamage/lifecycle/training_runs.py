@@ -51,7 +51,9 @@ def stage_run(name: str, tags: dict[str, str], params: dict[str, Any]) -> Iterat
 def log_fit(
     model: torch.nn.Module, result: FitResult, store: TileStore, path: Path, meta: dict[str, Any]
 ) -> None:
-    """Log a fit's history and score to the active run; save the model and its sidecar."""
+    """Log a fit's history and score to the active run; save the model and its sidecar,
+    which holds the per-epoch history too: the training curves (``evaluate`` plots them)
+    travel with the model, not only with the tracking store."""
     log_history(result.history)
     mlflow.log_metrics(
         {"best_val_balanced_accuracy": result.best_score, "train_seconds": result.seconds}
@@ -60,7 +62,12 @@ def log_fit(
         model,
         store,
         path,
-        {**meta, "best_epoch": result.best_epoch, "val_balanced_accuracy": result.best_score},
+        {
+            **meta,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            "val_balanced_accuracy": result.best_score,
+        },
     )
 
 
@@ -73,7 +80,7 @@ def log_ensemble_fit(
     meta: dict[str, Any],
 ) -> None:
     """:func:`log_fit` for an ensemble: each member's history under ``member<k>_``, the
-    ensemble's validation score, and a sidecar naming the members."""
+    ensemble's validation score, and a sidecar naming the members, with their histories."""
     for k, member in enumerate(fits, 1):
         log_history(member.history, prefix=f"member{k}_")
     mlflow.log_metrics(
@@ -93,6 +100,7 @@ def log_ensemble_fit(
             **meta,
             "members": len(fits),
             "member_best_epochs": [f.best_epoch for f in fits],
+            "member_histories": [f.history for f in fits],
             "member_val_balanced_accuracy": [f.best_score for f in fits],
             "val_balanced_accuracy": score,
         },

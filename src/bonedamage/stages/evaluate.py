@@ -1,14 +1,16 @@
 """Score every model of a tissue on the test split (``evaluate``): tile and scan accuracy,
 balanced accuracy and ROC-AUC with bootstrap intervals, accuracy on visibly damaged tiles,
-the leaky split's inflation and a baseline, as a DVC metrics file with ROC curves and the
-platform the numbers were made on (the gate reproduces them exactly only on the same one).
-Tracked in MLflow (params mlflow; MLFLOW_TRACKING_URI overrides)."""
+the leaky split's inflation and a baseline, as a DVC metrics file with the platform the
+numbers were made on (the gate reproduces them exactly only on the same one), and the
+tables of DVC plots (dvc.yaml ``plots``): each model's ROC curve and test predictions (a
+confusion matrix), each trained network's training curves. Tracked in MLflow (params
+mlflow; MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bonedamage.atomic import check_output_file, require, require_json, write_text_atomic
+from bonedamage.atomic import check_output_file, require, require_json
 from bonedamage.config import require_tissue, stage_params
 from bonedamage.data.tilestore import require_tables
 
@@ -42,24 +44,22 @@ def run_evaluate(
     import pandas as pd
 
     from bonedamage.data.tilestore import TileStore
-    from bonedamage.learn.comparison import score_test_split
-    from bonedamage.learn.scoring import roc_points, write_json
+    from bonedamage.learn.comparison import score_test_split, training_histories, write_plots
+    from bonedamage.learn.scoring import write_json
     from bonedamage.learn.train import numerics_platform, resolve_device, seed_everything
     from bonedamage.lifecycle.tracking import configure, version_tags
 
     configure(cfg.mlflow.model_dump())
     evaluate, device = cfg.evaluate.model_dump(), resolve_device(cfg.train.device)
     seed_everything(int(evaluate["seed"]), int(cfg.train.threads))
-    store = TileStore(tiles)
+    store, inits = TileStore(tiles), list(cfg.resnet.inits)
+    histories = training_histories(models, inits)  # before the scoring: a missing one fails fast
     results, frames = score_test_split(
-        store, pd.read_parquet(splits), tissue, models, list(cfg.resnet.inits), evaluate, device
+        store, pd.read_parquet(splits), tissue, models, inits, evaluate, device
     )
     platform = numerics_platform(device)
     write_json(out, {**results, "platform": platform})
-    plots.mkdir(parents=True, exist_ok=True)
-    for name, frame in frames.items():
-        roc = roc_points(frame["label"].to_numpy(), frame["prob"].to_numpy())
-        write_text_atomic(plots / f"roc_{name}.csv", roc.to_csv(index=False))
+    write_plots(plots, frames, histories)
     tags = {**version_tags(), **{f"platform.{k}": v for k, v in platform.items()}}
     with mlflow.start_run(
         run_name=f"evaluate-{tissue}", tags=tags | {"stage": "evaluate", "tissue": tissue}

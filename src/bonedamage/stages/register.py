@@ -2,7 +2,9 @@
 <prefix>-<tissue>-cnn, <prefix>-<tissue>-resnet (the init with the best validation score)
 and <prefix>-<tissue> (the better of the two on validation), as pyfuncs that take raw tiles
 and carry how the tiles were cut and their applicability domain; @challenger points at them.
-Versions carry the data hashes, git commit, params and test metrics as tags. Idempotent:
+Versions carry the data hashes, git commit, params and test metrics as tags; the pyfunc
+and the test metrics are logged in the run that trained the weights when the store has it,
+so a version leads to its training run. Idempotent:
 weights already registered on the same test set are not registered again. Writes the
 deterministic part (weights and test-set hashes, test metrics, domain) as a record. Tracked
 in MLflow (params mlflow; MLFLOW_TRACKING_URI overrides)."""

@@ -1,8 +1,10 @@
 """Search the CNN architecture of a tissue (``search``): an Optuna study (TPE sampler, median
 pruner, seeded) over the space in params ``search.space``; every trial a nested MLflow run.
 Re-running continues the stored study; several processes may share it (``--worker``). Writes
-the best configuration and the study's plots. Tracked in MLflow (params mlflow;
-MLFLOW_TRACKING_URI overrides)."""
+the best configuration, the study's plots and the study itself as a journal file
+(``reports/search/<tissue>/study.journal``, committed with the plots: ``optuna-dashboard`` and
+``optuna.load_study`` open it after a ``dvc repro`` that skipped the search). Tracked in MLflow
+(params mlflow; MLFLOW_TRACKING_URI overrides)."""
 
 from __future__ import annotations
 
@@ -41,7 +43,13 @@ def run_search(
 
     from bonedamage.data.tilestore import TileStore
     from bonedamage.learn import study as optuna_study
-    from bonedamage.lifecycle.tracking import MlflowSearchHooks, configure, version_tags
+    from bonedamage.lifecycle.tracking import (
+        STUDY_MD5_TAG,
+        MlflowSearchHooks,
+        configure,
+        study_md5,
+        version_tags,
+    )
 
     configure(cfg.mlflow.model_dump())
     search, train = cfg.search.model_dump(), cfg.train.model_dump()
@@ -74,12 +82,21 @@ def run_search(
             "summary": optuna_study.study_summary(study),
         }
         mlflow.set_tag("optuna.study", study.study_name)
-        mlflow.log_metric("best_val_balanced_accuracy", best["value"])
-        for plot in optuna_study.save_plots(study, reports / tissue, seed=int(search["seed"])):
+        mlflow.log_metric(f"best_{optuna_study.OBJECTIVE}", best["value"])
+        plots = optuna_study.save_plots(
+            study,
+            reports / tissue,
+            seed=int(search["seed"]),
+            min_trials_for_importance=int(search["min_trials_for_importance"]),
+        )
+        for plot in plots:
             mlflow.log_artifact(str(plot), "plots")
+        journal = reports / tissue / optuna_study.JOURNAL_NAME
+        mlflow.log_artifact(str(optuna_study.export_journal(study, journal)), "optuna")
+        mlflow.set_tag(STUDY_MD5_TAG, study_md5(journal))  # `track` will not replay it
     write_text_atomic(out, json.dumps(best, indent=2, sort_keys=True) + "\n")
     print(
         f"{tissue}: best trial {best['trial']} val balanced accuracy {best['value']:.4f}"
-        f" ({best['summary']['states']})"
+        f" ({best['summary']['states']}); all trials: optuna-dashboard {journal}"
     )
     return 0

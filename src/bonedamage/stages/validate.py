@@ -1,6 +1,7 @@
 """Validate the data (``validate``) with great-expectations: the manifest, the tile index and
-the splits (schema, ranges, class balance, no specimen in two splits), with Data Docs. Exits
-1 and lists the failed expectations when the data is invalid."""
+the splits (schema, ranges, class balance, no specimen in two splits), with Data Docs and,
+beside them, a self-contained summary of every expectation (``summary.md``, readable offline).
+Exits 1 and lists the failed expectations when the data is invalid."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def run_validate(
     *,
     force: bool = False,
 ) -> int:
-    """Validate manifest, tile index and splits; build Data Docs; 1 when invalid."""
+    """Validate manifest, tile index and splits; build Data Docs and the offline summary;
+    1 when invalid."""
     cfg = stage_params(params, PARAMS)
     paths = cfg.pipeline.paths
     root, tiles, splits = (
@@ -52,5 +54,6 @@ def run_validate(
         out, json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
     )
     print(report.summary())
+    print(f"Summary (every expectation, readable offline): {report.summary_file}")
     print(f"Data Docs: {report.docs_index}")
     return 0 if report.success else 1
