@@ -32,6 +32,7 @@ _USER_ERRORS = (
     ("bonedamage.explain.scan", "PredictError"),
     ("bonedamage.lifecycle.registry", "PromotionError"),
     ("bonedamage.lifecycle.pyfunc", "RequestError"),
+    ("bonedamage.learn.study", "SearchError"),
     ("bonedamage.data.splits", "SplitError"),
     ("bonedamage.data.synth.generate", "SynthError"),
     ("bonedamage.data.tiling", "TilingError"),

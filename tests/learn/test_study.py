@@ -407,3 +407,15 @@ def test_optuna_dashboard_opens_the_exported_journal(tmp_path: Path) -> None:
     assert detail["objective_names"] == [search.OBJECTIVE]
     assert len(detail["trials"][2]["intermediate_values"]) == 1
     assert path.read_bytes() == before  # reading leaves the committed file as it was
+
+
+def test_a_study_whose_trials_were_all_pruned_names_no_best_trial() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        trial.report(0.5, 0)
+        study.tell(trial, state=TrialState.PRUNED)
+    assert search.study_summary(study)["best_value"] is None
+    with pytest.raises(search.SearchError, match="no trial completed"):
+        search.best_config(study)

@@ -505,10 +505,17 @@ def test_a_version_leads_to_the_run_that_trained_its_weights(env) -> None:
     """The pyfunc is logged in the training run found in the store (its test metrics
     too), so the version's source run is that run, not a run of the registration."""
     mlflow.set_tracking_uri(env["uri"])
+    tmp = env["tmp"]
+    write_tiny_models(tmp / "trained" / TISSUE, TISSUE, seed=11, tile_px=env["tile_px"])
+    (tmp / "trained.json").write_text(json.dumps(tiny_metrics(0.71, 0.81)))
+    weights = tracking.file_md5(tmp / "trained" / TISSUE / "cnn.pt")
     trained = {"stage": "train_cnn", "scheme": "grouped", "tissue": TISSUE}
-    with mlflow.start_run(run_name=f"train_cnn-{TISSUE}", tags=trained) as run:
+    # a later run of the same stage that saved other weights is not the source
+    with mlflow.start_run(tags={**trained, "model.md5": weights}) as run:
         pass
-    register_version(env, "trained", seed=11, ba=0.71, auc=0.81)
+    with mlflow.start_run(tags={**trained, "model.md5": "other weights"}):
+        pass
+    register(env, "trained", "trained-record.json")
     client = MlflowClient()
     for name in (f"t-{TISSUE}-cnn", f"t-{TISSUE}"):  # the tissue model is the same CNN
         version = client.get_model_version_by_alias(name, registry.CHALLENGER)

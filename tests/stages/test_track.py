@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -45,21 +46,26 @@ def pipeline(params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     pd.DataFrame({"fpr": [0, 0.1, 1], "tpr": [0, 0.9, 1], "threshold": [1, 0.5, 0]}).to_csv(
         tables / "roc_cnn.csv", index=False
     )
+    name = f"{params['registry']['prefix']}-{TISSUE}-cnn"
+    record = {"models": {name: {"weights_md5": "current"}}}
     (tmp_path / "registry").mkdir()
-    (tmp_path / "registry" / f"{TISSUE}.json").write_text("{}\n")
+    (tmp_path / "registry" / f"{TISSUE}.json").write_text(json.dumps(record))
     pipeline_params = {**params["pipeline"], "paths": paths}
     path = write_params(tmp_path / "params.yaml", params, mlflow=store, pipeline=pipeline_params)
     tracking.configure(store)
-    with mlflow.start_run(tags={"stage": "train_cnn", "tissue": TISSUE}) as run:
-        pass
     client = MlflowClient()
-    name = f"{params['registry']['prefix']}-{TISSUE}-cnn"
     client.create_registered_model(name)
-    version = client.create_model_version(
-        name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags={"metrics_key": "cnn"}
-    )
+    runs = {}
+    for weights in ("older", "current"):  # v1 stays champion, v2 is the new challenger
+        with mlflow.start_run(tags={"stage": "train_cnn", "tissue": TISSUE}) as run:
+            pass
+        tags = {"metrics_key": "cnn", "model.md5": weights}
+        source = f"runs:/{run.info.run_id}/model"
+        version = client.create_model_version(name, source, run.info.run_id, tags=tags)
+        runs[weights] = run.info.run_id
+    client.set_registered_model_alias(name, registry.CHAMPION, "1")
     client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
-    return {"params": path, "run": run.info.run_id, "tmp": tmp_path}
+    return {"params": path, "run": runs["current"], "older": runs["older"], "tmp": tmp_path}
 
 
 def test_track_replays_a_skipped_search_once_and_draws_the_test_figures(
@@ -78,6 +84,8 @@ def test_track_replays_a_skipped_search_once_and_draws_the_test_figures(
     assert len(trials) == 3
     figures = {a.path for a in client.list_artifacts(pipeline["run"], "evaluation")}
     assert figures == {"evaluation/roc.png"}  # evaluate wrote no confusion table here
+    # the champion's older weights were not scored by today's evaluate
+    assert not client.list_artifacts(pipeline["older"], "evaluation")
 
     assert run_track(pipeline["params"], TISSUE) == 0  # always run: nothing twice
     assert "already in the store" in capsys.readouterr().out

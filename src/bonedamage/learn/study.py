@@ -284,6 +284,15 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def n_complete(study: optuna.Study) -> int:
+    """Trials that ran all their epochs (pruned ones have no final value to rank)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+class SearchError(RuntimeError):
+    """A search that cannot name a best trial (every trial pruned or failed)."""
+
+
 def optimize(
     store: TileStore,
     splits: pd.DataFrame,
@@ -353,6 +362,12 @@ def best_config(study: optuna.Study) -> dict[str, Any]:
     ``trial`` is its position among the study's finished trials (Optuna's numbers also
     count the trials that killed processes left unfinished).
     """
+    if not n_complete(study):
+        raise SearchError(
+            f"study {study.study_name}: no trial completed ({study_summary(study)['states']}): "
+            "nothing to choose; run more trials (params search.n_trials) or prune less "
+            "(search.pruner)"
+        )
     best = study.best_trial
     finished = [t.number for t in study.get_trials(deepcopy=False, states=FINISHED)]
     return {
@@ -373,7 +388,7 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
         "trials": len(trials),
         "states": {k: int(v) for k, v in states.items()},
         "epochs_spent": int(np.sum(epochs)) if epochs else 0,
-        "best_value": study.best_value if n_finished(study) else None,
+        "best_value": study.best_value if n_complete(study) else None,
     }
 
 

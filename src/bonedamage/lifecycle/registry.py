@@ -44,7 +44,7 @@ from bonedamage.learn.datasets import split_rows
 from bonedamage.learn.models import build_module
 from bonedamage.learn.scoring import THRESHOLD
 from bonedamage.lifecycle.pyfunc import MODEL_CODE
-from bonedamage.lifecycle.tracking import process_tags, training_run, version_tags
+from bonedamage.lifecycle.tracking import file_md5, process_tags, training_run, version_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRICS = ("balanced_accuracy", "roc_auc", "accuracy", "f1", "ece", "scan_accuracy")
@@ -96,14 +96,6 @@ def candidates(
     resnet = max(resnets, key=lambda c: c.val_score)  # first init wins a tie
     best = cnn if cnn.val_score >= resnet.val_score else resnet
     return [cnn, resnet, replace(best, name=f"{prefix}-{tissue}")]
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_set_fingerprint(store: TileStore, splits: pd.DataFrame, tissue: str) -> str:
@@ -256,32 +248,47 @@ def _log_model(
         trained = training_run(str(cand.meta.get("tissue", "")), cand)
         if trained is None:
             run_tags = {**tags, **process_tags(), "stage": "register"}
-            run = mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags)
+            with mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags):
+                info = _log_pyfunc(cand, example, files)
         else:
-            run = mlflow.start_run(run_id=trained)
-        with run:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts={"weights": str(cand.weights), **{k: str(v) for k, v in files.items()}},
-                code_paths=[str(Path(__file__).parents[1])],
-                signature=signature(example[0].shape[1:], example[0].dtype),
-                input_example=example,
-                pip_requirements=_requirements(),
-            )
-            mlflow.log_metrics(
-                {
-                    f"test_{k}": float(v)
-                    for k, v in cand.metrics.items()
-                    if k in METRICS and v is not None
-                }
-            )
+            with _reopened(trained):
+                info = _log_pyfunc(cand, example, files)
     return info.model_uri
 
 
 def _settings(meta: dict[str, Any]) -> dict[str, Any]:
     """A model sidecar without its per-epoch histories (they are the training run's)."""
     return {k: v for k, v in meta.items() if k not in ("history", "member_histories")}
+
+
+@contextlib.contextmanager
+def _reopened(run_id: str) -> Iterator[None]:
+    """Make a finished run active again to log into it; whatever happens, it ends FINISHED
+    at its own end time (a failure here is the registration's, not the training's)."""
+    client = MlflowClient()
+    end_time = client.get_run(run_id).info.end_time
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        client.set_terminated(run_id, "FINISHED", end_time=end_time)
+
+
+def _log_pyfunc(cand: Candidate, example: tuple, files: dict[str, Path]) -> Any:
+    """Log the pyfunc and the test metrics to the active run; its ModelInfo."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_CODE),
+        artifacts={"weights": str(cand.weights), **{k: str(v) for k, v in files.items()}},
+        code_paths=[str(Path(__file__).parents[1])],
+        signature=signature(example[0].shape[1:], example[0].dtype),
+        input_example=example,
+        pip_requirements=_requirements(),
+    )
+    mlflow.log_metrics(
+        {f"test_{k}": float(v) for k, v in cand.metrics.items() if k in METRICS and v is not None}
+    )
+    return info
 
 
 def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dict[str, str]:
@@ -625,18 +632,19 @@ def _promote(client: MlflowClient, name: str, cfg: dict[str, Any]) -> Decision:
 
 
 # -- what the register and promote stages use -------------------------------------------
-def registered_runs(client: MlflowClient, prefix: str, tissue: str) -> dict[str, str]:
-    """Source run -> metrics key of the tissue's @challenger and @champion versions (the
-    runs that trained them, when the store had those at registration)."""
+def registered_runs(client: MlflowClient, record: dict[str, Any]) -> dict[str, str]:
+    """Source run -> metrics key of the versions a registry record names (``register``'s
+    output: the weights it registered under each name, now the @challenger): the runs that
+    trained them, when the store had those at registration. Versions of other weights (an
+    older champion) are left out: the current test files are not theirs."""
     runs: dict[str, str] = {}
-    for name in model_names(prefix, tissue):
-        for alias in (CHALLENGER, CHAMPION):
-            found = _alias(client, name, alias)
-            if found is None:
-                continue
-            version = client.get_model_version(name, str(found[0]))
-            if version.run_id:
-                runs.setdefault(version.run_id, found[1].get("metrics_key", ""))
+    for name, entry in record.get("models", {}).items():
+        found = _alias(client, name, CHALLENGER)
+        if found is None or found[1].get("model.md5") != entry.get("weights_md5"):
+            continue
+        version = client.get_model_version(name, str(found[0]))
+        if version.run_id:
+            runs.setdefault(version.run_id, found[1].get("metrics_key", ""))
     return runs
 
 

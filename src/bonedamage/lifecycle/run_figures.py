@@ -2,7 +2,7 @@
 
 The ``evaluate`` stage writes each model's ROC points (``roc_<key>.csv``: fpr, tpr,
 threshold) and per-tile verdicts (``confusion_<key>.csv``: actual, predicted) for DVC's
-plots. ``register`` runs on every ``dvc repro``, also when DVC skipped ``evaluate`` because
+plots. ``track`` runs on every ``dvc repro``, also when DVC skipped ``evaluate`` because
 its committed outputs are current; it draws the same files here, so that the training
 run's page shows the ROC curve and the confusion matrix next to its learning curves.
 """

@@ -16,7 +16,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from bonedamage.lifecycle.tracking import STUDY_MD5_TAG, study_md5, version_tags
+from bonedamage.atomic import InputError
+from bonedamage.lifecycle.tracking import STUDY_MD5_TAG, process_tags, study_md5, version_tags
 
 
 def find_search(
@@ -45,11 +46,14 @@ def find_search(
 
 
 def _load(journal: Path) -> optuna.Study:
+    """The one study an exported study file holds."""
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))
     )
-    (summary,) = optuna.get_all_study_summaries(storage)
-    return optuna.load_study(study_name=summary.study_name, storage=storage)
+    summaries = optuna.get_all_study_summaries(storage)
+    if len(summaries) != 1:
+        raise InputError(f"{journal}: {len(summaries)} studies, an exported search holds one")
+    return optuna.load_study(study_name=summaries[0].study_name, storage=storage)
 
 
 def record_search(
@@ -64,7 +68,7 @@ def record_search(
         return found, False
     objective = (study.metric_names or ["objective"])[0]
     tags = {
-        **{k: v for k, v in version_tags().items() if not k.startswith("process.")},
+        **version_tags(),  # with the owner process: a killed replay is ended as KILLED
         "stage": "search",
         "tissue": tissue,
         "optuna.study": study.study_name,
@@ -73,8 +77,12 @@ def record_search(
     }
     parent = client.create_run(experiment_id, tags={**tags, MLFLOW_RUN_NAME: f"search-{tissue}"})
     parent_id = parent.info.run_id
-    for trial in study.trials:
-        _record_trial(client, experiment_id, parent_id, study.study_name, trial, objective)
+    try:
+        for trial in study.trials:
+            _record_trial(client, experiment_id, parent_id, study.study_name, trial, objective)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")  # the next replay starts again
+        raise
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         client.log_metric(parent_id, f"best_{objective}", max(t.value for t in complete))
@@ -97,6 +105,7 @@ def _record_trial(
         "optuna.study": study_name,
         "optuna.trial": str(trial.number),
         "optuna.state": trial.state.name,
+        **process_tags(),
     }
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 PROBE_TIMEOUT_S = 5.0
 STUDY_MD5_TAG = "search.study_md5"  # the exported study file a search run holds
+WEIGHTS_MD5_TAG = "model.md5"  # the weights file a training run saved
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"  # the UI then opens on the runs table
 
@@ -103,7 +104,8 @@ def configure(cfg: dict[str, Any], repo: Path = Path()) -> str:
         mlflow.create_experiment(name, artifact_location=artifacts)
     experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
-        # MLflow 3's UI opens an experiment without this tag in its GenAI view
+        # marks the experiment as model development for MLflow (3.17's UI still starts in
+        # the GenAI view of its per-browser switch: docs/pipeline.md, Tracking)
         MlflowClient().set_experiment_tag(
             experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
         )
@@ -194,11 +196,20 @@ def version_tags(repo: Path = Path()) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v is not None}
 
 
-def study_md5(journal: Path) -> str:
-    """The md5 of an exported study file: which study a search run holds."""
+def file_md5(path: Path) -> str:
+    """The md5 of a file (weights, an exported study): what a run or version holds."""
     import hashlib
 
-    return hashlib.md5(journal.read_bytes()).hexdigest()
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def study_md5(journal: Path) -> str:
+    """The md5 of an exported study file: which study a search run holds."""
+    return file_md5(journal)
 
 
 def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
@@ -239,7 +250,8 @@ class MlflowSearchHooks:
 
 
 def training_run(tissue: str, cand: Candidate) -> str | None:
-    """The MLflow run that trained this candidate (latest match), if the store has it."""
+    """The MLflow run that saved this candidate's weights (its ``model.md5`` tag, latest
+    match), if the store has it: weights pulled by DVC or trained elsewhere have none."""
     if cand.architecture == "cnn":
         where = "tags.stage = 'train_cnn' and tags.scheme = 'grouped'"
     elif cand.meta.get("init") in ("imagenet", "pretext", "scratch"):
@@ -248,6 +260,7 @@ def training_run(tissue: str, cand: Candidate) -> str | None:
         return None
     where += " and attributes.status = 'FINISHED'"
     where += f" and tags.tissue = '{tissue}'"
+    where += f" and tags.`{WEIGHTS_MD5_TAG}` = '{file_md5(cand.weights)}'"
     runs = mlflow.search_runs(
         filter_string=where, order_by=["attributes.start_time DESC"], max_results=1,
         output_format="list",

@@ -14,7 +14,13 @@ import mlflow
 
 from bonedamage.learn import distributed
 from bonedamage.learn.checkpoint import save_checkpoint
-from bonedamage.lifecycle.tracking import configure, log_history, version_tags
+from bonedamage.lifecycle.tracking import (
+    WEIGHTS_MD5_TAG,
+    configure,
+    file_md5,
+    log_history,
+    version_tags,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -118,3 +124,5 @@ def _save_logged(
     }
     save_checkpoint(path, model, meta)
     mlflow.log_artifact(str(path.with_suffix(".json")), "model")
+    # what `register` looks the run up by: the version of these weights links to it
+    mlflow.set_tag(WEIGHTS_MD5_TAG, file_md5(path))

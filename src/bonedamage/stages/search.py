@@ -76,13 +76,8 @@ def run_search(
             hooks=MlflowSearchHooks(),
             worker=worker,
         )
-        best = {
-            **optuna_study.best_config(study),
-            "study": study.study_name,
-            "summary": optuna_study.study_summary(study),
-        }
         mlflow.set_tag("optuna.study", study.study_name)
-        mlflow.log_metric(f"best_{optuna_study.OBJECTIVE}", best["value"])
+        # the study's figures and file first: they show a search that chose nothing, too
         plots = optuna_study.save_plots(
             study,
             reports / tissue,
@@ -94,6 +89,12 @@ def run_search(
         journal = reports / tissue / optuna_study.JOURNAL_NAME
         mlflow.log_artifact(str(optuna_study.export_journal(study, journal)), "optuna")
         mlflow.set_tag(STUDY_MD5_TAG, study_md5(journal))  # `track` will not replay it
+        best = {
+            **optuna_study.best_config(study),
+            "study": study.study_name,
+            "summary": optuna_study.study_summary(study),
+        }
+        mlflow.log_metric(f"best_{optuna_study.OBJECTIVE}", best["value"])
     write_text_atomic(out, json.dumps(best, indent=2, sort_keys=True) + "\n")
     print(
         f"{tissue}: best trial {best['trial']} val balanced accuracy {best['value']:.4f}"

@@ -638,7 +638,9 @@ def _crack_cut(
     d1, d2 = np.asarray(c["d1"]), np.asarray(c["d2"])
     normal = np.cross(d1, d2)
     thick = c["aperture"] / 2.0 + 2.0 * c["waviness"] + 1.0  # beyond: nothing opens
-    half = np.sqrt((a_full * d1) ** 2 + (b_full * d2) ** 2 + (thick * normal) ** 2) + 3.0
+    # room for a deflection along a cement line beyond the crack's own extent
+    reach = 3.0 + float(c.get("deflection", 0.0))
+    half = np.sqrt((a_full * d1) ** 2 + (b_full * d2) ** 2 + (thick * normal) ** 2) + reach
     box = local_box(shape, c["centre"], half)
     if box is None:
         return None
