@@ -2,9 +2,10 @@
 # CI's reproduction of the main job (scripts/run-pipeline.sh) in three phases, each one
 # workflow step (and one .ci/run step) with its own duration and artifacts:
 #   data     materialise data/raw, then describe, tile, split, validate (Data Docs)
-#   learn    search, train_cnn, pretrain, train_resnet, evaluate, register, promote
-#   explain  the Grad-CAM exports and localization metrics, then track (MLflow runs of
-#            stages DVC may skip)
+#   learn    search, train_cnn, pretrain, train_resnet, train_seg, evaluate
+#   explain  the Grad-CAM exports and localization metrics, the segmentation's scores
+#            (against Grad-CAM's), register, promote, then track (MLflow runs of stages DVC
+#            may skip)
 # Every stage is forced (--force --single-item, in dvc.yaml's order): outputs committed to
 # git (metrics, search results, registry records) are really recomputed, not skipped.
 # `scripts/ci-pipeline.sh PHASE --list` prints the phase's stage patterns and runs nothing.
@@ -15,10 +16,9 @@ case "$phase" in
   data)
     stages=(describe tile split validate) ;;
   learn)
-    stages=('search@*' 'train_cnn@*' 'pretrain@*' 'train_resnet@*' 'evaluate@*' 'register@*'
-            'promote@*') ;;
+    stages=('search@*' 'train_cnn@*' 'pretrain@*' 'train_resnet@*' 'train_seg@*' 'evaluate@*') ;;
   explain)
-    stages=('explain@*' 'track@*') ;;
+    stages=('explain@*' 'evaluate_seg@*' 'register@*' 'promote@*' 'track@*') ;;
   *)
     echo "error: unknown phase '$phase' (data, learn or explain)" >&2
     exit 2 ;;

@@ -138,6 +138,34 @@ def write_tiny_models(
     )
 
 
+TINY_SEG_ARCH = {"channels": [4, 8], "strides": [2], "num_res_units": 0, "dropout": 0.0}
+
+
+def write_tiny_seg(
+    models: Path, tissue: str, seed: int, tile_px: int, val: float = 0.5, channels: int = CHANNELS
+) -> None:
+    """A tiny segmentation U-Net with seeded random weights and its sidecar, as ``train-seg``
+    writes them (models/<tissue>/seg.pt), for tiles of ``channels`` planes."""
+    import torch
+
+    from bonedamage.learn.checkpoint import save_checkpoint
+    from bonedamage.learn.segmentation import KIND, build_segmenter
+
+    torch.manual_seed(seed)
+    classes = ["background", "microcrack", "fracture"]
+    meta = {"kind": KIND, "arch": TINY_SEG_ARCH, "tissue": tissue, "classes": classes}
+    meta |= {"tile_px": tile_px, "in_channels": channels, "best_epoch": 0}
+    meta["val_dice_damage"] = val
+    save_checkpoint(models / "seg.pt", build_segmenter(TINY_SEG_ARCH, channels, 3), meta)
+
+
+def tiny_seg_metrics(dice: float, f1: float) -> dict[str, Any]:
+    """A metrics/<tissue>-seg.json for the tiny segmentation model."""
+    row = {"dice_damage": dice, "iou_damage": dice / (2 - dice), "mean_iou": 0.5 + dice / 2}
+    row |= {"mean_iou_damage_kinds": dice / 2, "object_f1": f1, "hd95_um": 3.0}
+    return {"seg": row}
+
+
 def tiny_metrics(ba: float, auc: float) -> dict[str, Any]:
     """A metrics/<tissue>.json for the tiny models: the same numbers for both."""
     row = {"balanced_accuracy": ba, "roc_auc": auc, "accuracy": ba, "f1": ba, "ece": 0.05}

@@ -92,7 +92,8 @@ def _stage_names() -> list[str]:
 def test_dvc_yaml_has_the_pipeline_stages() -> None:
     assert list(DVC) == [
         "describe", "tile", "split", "validate", "search", "train_cnn", "pretrain",
-        "train_resnet", "evaluate", "register", "promote", "explain", "track",
+        "train_resnet", "train_seg", "evaluate", "explain", "evaluate_seg", "register",
+        "promote", "track",
     ]  # fmt: skip
 
 

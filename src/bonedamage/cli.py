@@ -127,8 +127,15 @@ COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
         **LEARN, **_out("METRICS/TISSUE.json"),
         "--plots": {"help": "ROC curves folder, holding TISSUE/ (default: PLOTS)"},
     }),
+    "train-seg": ("train the damage segmentation model (MONAI U-Net)", {**LEARN, **ROOT}),
+    "evaluate-seg": ("test-split scores of the segmentation and of Grad-CAM as one", {
+        **LEARN, **ROOT,
+        "--metrics": {"help": "explain's Grad-CAM metrics (default: METRICS/TISSUE-gradcam.json)"},
+        **_out("METRICS/TISSUE-seg.json"),
+    }),
     "register": ("register the tissue's models in the MLflow registry", {
         **LEARN, **METRICS, **_out("REGISTRY/TISSUE.json"),
+        "--seg-metrics": {"help": "segmentation scores (default: METRICS/TISSUE-seg.json)"},
     }),
     "promote": ("champion/challenger promotion in the MLflow registry", {
         "--tissue": TISSUE,
@@ -145,7 +152,7 @@ COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
                       "(default: REPORTS/search)"},
         "--plots": {"help": "evaluate's plot tables folder, holding TISSUE/ (default: PLOTS)"},
     }),
-    "predict": ("whole-scan prediction and 3D damage maps", {
+    "predict": ("whole-scan prediction, 3D damage maps (classifier or segmentation model)", {
         "scan": {"metavar": "SCAN", "help": "TIFF stack: multi-page file or folder of slices"},
         "--model": {"required": True, "help": "model URI (models:/NAME@champion)"},
         "--out": {"required": True, "help": "output folder"},
@@ -154,7 +161,10 @@ COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
         "--no-cam": _flag("skip the Grad-CAM volume (faster)"),
         "--allow-resample": _flag("predict a scan coarser than the model's domain allows"),
         "--cam-layer": {"help": "Grad-CAM target layer (default: params explain.layer)"},
-        "--batch-size": {"type": _positive_int, "help": "tiles per batch (default: 256)"},
+        "--batch-size": {"type": _positive_int, "help": "tiles per batch (default: 256; "
+                         "segmentation models: 64)"},
+        "--overlap": {"type": float, "help": "segmentation models: share of a tile its "
+                      "neighbours overlap, in [0, 1) (default: 0.5)"},
     }),
     "gate": ("regression gate on the metrics", {
         "--rev": {"help": "git revision of the baseline (default: HEAD)"},

@@ -603,11 +603,67 @@ class EvaluateSection(_Section):
     baseline: Literal["logistic", "forest"]
 
 
+class SegmentClasses(_Section):
+    """The damage kinds a tissue's segmentation model tells apart."""
+
+    cortical: Annotated[list[Literal["microcrack", "fracture", "buckled"]], _NONEMPTY]
+    trabecular: Annotated[list[Literal["microcrack", "fracture", "buckled"]], _NONEMPTY]
+
+
+class SegmentWeights(_Section):
+    """Loss weights of a tissue's damage classes (``segment.classes`` order); None: equal."""
+
+    cortical: Annotated[list[PosReal], _NONEMPTY] | None = None
+    trabecular: Annotated[list[PosReal], _NONEMPTY] | None = None
+
+
+class SegmentArch(_Section):
+    """A 2D MONAI UNet: channels per level and the strides between them."""
+
+    channels: Annotated[list[PosInt], _NONEMPTY]
+    strides: Annotated[list[PosInt], _NONEMPTY]
+    num_res_units: NonNegInt
+    dropout: Fraction
+
+
+class SegmentSection(_Section):
+    """``bonedamage train-seg`` / ``evaluate-seg``: damage segmentation."""
+
+    classes: SegmentClasses
+    class_weights: SegmentWeights
+    arch: SegmentArch
+    loss: Literal["dice_ce", "dice_focal"]
+    epochs: PosInt
+    patience: PosInt
+    lr: PosReal
+    weight_decay: NonNegReal
+    batch_size: PosInt
+    augment_strength: Fraction
+    min_object_px: PosInt
+    object_iou: Annotated[float, _real(gt=0, le=1)]
+    cam_thresholds: Annotated[list[Fraction], _NONEMPTY]
+    seed: Seed
+
+
 class RegistryTolerance(_Section):
     """Largest drop a challenger may show against the champion."""
 
     balanced_accuracy: NonNegReal
     roc_auc: NonNegReal
+
+
+class SegTolerance(_Section):
+    """Largest drop a segmentation challenger may show against the champion."""
+
+    dice_damage: NonNegReal
+    object_f1: NonNegReal
+
+
+class RegistrySegmentation(_Section):
+    """Promotion of the segmentation models (``<prefix>-<tissue>-seg``)."""
+
+    min_dice_damage: Fraction
+    tolerance: SegTolerance
 
 
 class RegistrySection(_Section):
@@ -616,6 +672,7 @@ class RegistrySection(_Section):
     prefix: Name
     min_balanced_accuracy: Fraction
     tolerance: RegistryTolerance
+    segmentation: RegistrySegmentation
 
 
 class DomainSection(_Section):
@@ -684,6 +741,27 @@ GatedMetric = Literal[
 ]
 
 
+SegGateModel = Literal["seg", "seg_damage", "gradcam_cnn"]
+SegGatedMetric = Literal[
+    "dice_damage",
+    "iou_damage",
+    "mean_iou",
+    "mean_iou_damage_kinds",
+    "mean_dice_damage_kinds",
+    "object_f1",
+    "object_precision",
+    "object_recall",
+]
+
+
+class GateSegmentation(_Section):
+    """The segmentation's scores (``metrics/<tissue>-seg.json``) in the gate."""
+
+    models: Annotated[list[SegGateModel], _NONEMPTY]
+    metrics: dict[SegGatedMetric, NonNegReal] | None = None
+    cross_platform: dict[SegGatedMetric, NonNegReal] | None = None
+
+
 class GateSection(_Section):
     """``bonedamage gate``: reproduced metrics against the committed ones.
 
@@ -694,6 +772,7 @@ class GateSection(_Section):
     models: Annotated[list[GateModel], _NONEMPTY]
     metrics: dict[GatedMetric, NonNegReal] | None = None
     cross_platform: dict[GatedMetric, NonNegReal] | None = None
+    segmentation: GateSegmentation | None = None
 
 
 # -- the whole file -------------------------------------------------------------------------
@@ -717,6 +796,7 @@ class Params(_Section):
     search: SearchSection
     resnet: ResnetSection
     evaluate: EvaluateSection
+    segment: SegmentSection
     registry: RegistrySection
     domain: DomainSection
     explain: ExplainSection

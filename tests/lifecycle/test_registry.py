@@ -36,8 +36,10 @@ from conftest import (
     post,
     running,
     tiny_metrics,
+    tiny_seg_metrics,
     write_params,
     write_tiny_models,
+    write_tiny_seg,
 )
 
 TISSUE = "cortical"
@@ -45,7 +47,9 @@ CFG = {
     "prefix": "t",
     "min_balanced_accuracy": 0.6,
     "tolerance": {"balanced_accuracy": 0.005, "roc_auc": 0.01},
+    "segmentation": {"min_dice_damage": 0.2, "tolerance": {"dice_damage": 0.01, "object_f1": 0.02}},
 }
+SEG = f"t-{TISSUE}-seg"
 
 
 def printed(stage: Any, *args: Any, **kwargs: Any) -> list[str]:
@@ -61,8 +65,17 @@ def register(env: dict, label: str, record: str) -> list[str]:
     tmp = env["tmp"]
     return printed(
         run_register, env["path"], TISSUE, *env["data"], models=tmp / label,
-        metrics=tmp / f"{label}.json", out=tmp / record,
+        metrics=tmp / f"{label}.json", seg_metrics=tmp / f"{label}-seg.json", out=tmp / record,
     )  # fmt: skip
+
+
+def write_version(env: dict, label: str, seed: int, ba: float, auc: float, dice: float) -> None:
+    """Tiny models and their metrics under ``tmp/label`` (classifiers and segmentation)."""
+    tmp = env["tmp"]
+    write_tiny_models(tmp / label / TISSUE, TISSUE, seed=seed, tile_px=env["tile_px"])
+    write_tiny_seg(tmp / label / TISSUE, TISSUE, seed=seed, tile_px=env["tile_px"])
+    (tmp / f"{label}.json").write_text(json.dumps(tiny_metrics(ba, auc)))
+    (tmp / f"{label}-seg.json").write_text(json.dumps(tiny_seg_metrics(dice, 0.7)))
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +89,8 @@ def env(learn_data, learn_params, tmp_path_factory) -> dict[str, Any]:
     params["resnet"]["inits"] = ["scratch"]
     store = TileStore(learn_data[0])
     tile_px = int(store.index["tile_px"].iloc[0])
-    write_tiny_models(tmp / "v1" / TISSUE, TISSUE, seed=1, tile_px=tile_px)
-    (tmp / "v1.json").write_text(json.dumps(tiny_metrics(0.80, 0.90)))
     env = {"tmp": tmp, "uri": uri, "params": params, "data": learn_data, "tile_px": tile_px}
+    write_version(env, "v1", seed=1, ba=0.80, auc=0.90, dice=0.6)
     env["path"] = write_params(tmp / "params.yaml", params)
     env["registered"] = register(env, "v1", "v1-record.json")
     env["promoted"] = printed(run_promote, env["path"], TISSUE)
@@ -89,11 +101,11 @@ def champion(name: str) -> int:
     return int(MlflowClient().get_model_version_by_alias(name, registry.CHAMPION).version)
 
 
-def register_version(env: dict, label: str, seed: int, ba: float, auc: float) -> None:
+def register_version(
+    env: dict, label: str, seed: int, ba: float, auc: float, dice: float = 0.6
+) -> None:
     mlflow.set_tracking_uri(env["uri"])
-    tmp = env["tmp"]
-    write_tiny_models(tmp / label / TISSUE, TISSUE, seed=seed, tile_px=env["tile_px"])
-    (tmp / f"{label}.json").write_text(json.dumps(tiny_metrics(ba, auc)))
+    write_version(env, label, seed, ba, auc, dice)
     register(env, label, f"{label}-record.json")
 
 
@@ -137,7 +149,7 @@ def test_a_challenger_without_metrics_is_not_validated() -> None:
 # -- against a real store ----------------------------------------------------------------
 def test_register_creates_three_models_with_challenger_and_version_tags(env) -> None:
     names = registry.model_names("t", TISSUE)
-    assert env["registered"] == [f"{name}: new version 1 -> @challenger" for name in names]
+    assert env["registered"] == [f"{n}: new version 1 -> @challenger" for n in [*names, SEG]]
     client = MlflowClient()
     for name in names:
         v = client.get_model_version_by_alias(name, registry.CHALLENGER)
@@ -149,8 +161,8 @@ def test_register_creates_three_models_with_challenger_and_version_tags(env) -> 
         model = client.get_registered_model(name)
         assert model.tags == {"tissue": TISSUE, "family": kind}
         assert TISSUE in model.description and "@champion" in model.description
-    descriptions = {client.get_registered_model(name).description for name in families}
-    assert len(descriptions) == 3  # one description per family
+    descriptions = {client.get_registered_model(name).description for name in [*families, SEG]}
+    assert len(descriptions) == 4  # one description per family
     # the tissue model is the CNN: its validation score beats the ResNet's
     tissue = client.get_model_version_by_alias(f"t-{TISSUE}", registry.CHALLENGER)
     assert tissue.tags["architecture"] == "cnn"
@@ -188,7 +200,7 @@ def test_every_registered_version_carries_its_applicability_domain(env) -> None:
 
 
 def test_first_promotion_makes_every_challenger_champion(env) -> None:
-    assert len(env["promoted"]) == 3 and not any("refused" in line for line in env["promoted"])
+    assert len(env["promoted"]) == 4 and not any("refused" in line for line in env["promoted"])
     for line in env["promoted"]:
         assert "promoted" in line and "(first validated challenger becomes champion)" in line
     for name in registry.model_names("t", TISSUE):
@@ -198,7 +210,7 @@ def test_first_promotion_makes_every_challenger_champion(env) -> None:
 def test_registering_the_same_weights_again_adds_no_version(env) -> None:
     tmp = env["tmp"]
     again = register(env, "v1", "again.json")
-    names = registry.model_names("t", TISSUE)
+    names = [*registry.model_names("t", TISSUE), SEG]
     assert again == [f"{name}: already registered: 1 -> @challenger" for name in names]
     assert (tmp / "again.json").read_bytes() == (tmp / "v1-record.json").read_bytes()
 
@@ -506,8 +518,7 @@ def test_a_version_leads_to_the_run_that_trained_its_weights(env) -> None:
     too), so the version's source run is that run, not a run of the registration."""
     mlflow.set_tracking_uri(env["uri"])
     tmp = env["tmp"]
-    write_tiny_models(tmp / "trained" / TISSUE, TISSUE, seed=11, tile_px=env["tile_px"])
-    (tmp / "trained.json").write_text(json.dumps(tiny_metrics(0.71, 0.81)))
+    write_version(env, "trained", seed=11, ba=0.71, auc=0.81, dice=0.6)
     weights = tracking.file_md5(tmp / "trained" / TISSUE / "cnn.pt")
     trained = {"stage": "train_cnn", "scheme": "grouped", "tissue": TISSUE}
     # a later run of the same stage that saved other weights is not the source
@@ -525,3 +536,71 @@ def test_a_version_leads_to_the_run_that_trained_its_weights(env) -> None:
     assert after.data.tags["stage"] == "train_cnn" and after.info.status == "FINISHED"
     resnet = client.get_model_version_by_alias(f"t-{TISSUE}-resnet", registry.CHALLENGER)
     assert client.get_run(resnet.run_id).data.tags["stage"] == "register"  # none in the store
+
+
+# -- the segmentation model ----------------------------------------------------------------
+def test_the_segmentation_model_is_registered_with_its_scores_and_segments_raw_tiles(env) -> None:
+    from bonedamage.lifecycle.seg_pyfunc import TileSegmenter, load_segmenter_model
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(SEG, registry.CHALLENGER)
+    assert version.tags["architecture"] == "segmenter"
+    assert float(version.tags["metric.dice_damage"]) == pytest.approx(0.6)
+    assert float(version.tags["metric.object_f1"]) == pytest.approx(0.7)
+    assert "metric.balanced_accuracy" not in version.tags
+    model_tags = client.get_registered_model(SEG).tags
+    assert model_tags == {"tissue": TISSUE, "family": "segmenter"}
+    model = load_segmenter_model(f"models:/{SEG}@challenger")
+    assert isinstance(model, TileSegmenter) and model.domain is not None
+    store, table = TileStore(env["data"][0]), pd.read_parquet(env["data"][1])
+    positions, _ = split_rows(store, table, TISSUE, "grouped", "test")
+    raw = np.stack([store.raw(int(p)) for p in positions[:4]])
+    lo, hi = store.index[["norm_lo", "norm_hi"]].iloc[int(positions[0])]
+    labels = model.segment(raw, float(lo), float(hi))
+    assert labels.shape == (4, env["tile_px"], env["tile_px"]) and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    prob = model.probabilities(raw, float(lo), float(hi))
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(prob.argmax(axis=1), labels)
+    with pytest.raises(TypeError, match="not a bonedamage segmentation model"):
+        load_segmenter_model(f"models:/t-{TISSUE}-cnn@challenger")
+
+
+@pytest.mark.parametrize(
+    ("dice", "f1", "promoted"),
+    [
+        (0.65, 0.70, True),  # better Dice, same F1
+        (0.595, 0.69, True),  # a hair worse, within both tolerances
+        (0.55, 0.90, False),  # Dice drops beyond its tolerance
+        (0.62, 0.60, False),  # object F1 drops beyond its tolerance
+    ],
+)
+def test_a_segmentation_challenger_is_judged_by_dice_and_object_f1(
+    dice: float, f1: float, promoted: bool
+) -> None:
+    def seg_tags(d: float, f: float) -> dict[str, str]:
+        return {"metric.dice_damage": str(d), "metric.object_f1": str(f), "test_set": "abc"}
+
+    d = registry.decide(SEG, (2, seg_tags(dice, f1)), (1, seg_tags(0.60, 0.70)), CFG)
+    assert d.promote is promoted and set(d.deltas) == {"dice_damage", "object_f1"}
+    low = registry.decide(SEG, (1, seg_tags(0.1, 0.9)), None, CFG)
+    assert not low.promote and "dice damage 0.1000 below the floor 0.2" in low.reason
+
+
+def test_the_same_weights_scored_anew_make_a_new_version_with_the_new_scores(env) -> None:
+    """Versions are reused only for the same weights, test set, domain and test metrics:
+    otherwise a version's metric tags would say what the metrics file no longer does."""
+    mlflow.set_tracking_uri(env["uri"])
+    client = MlflowClient()
+    before = int(client.get_model_version_by_alias(SEG, registry.CHALLENGER).version)
+    tmp = env["tmp"]
+    write_version(env, "rescored", seed=21, ba=0.8, auc=0.9, dice=0.6)
+    register(env, "rescored", "rescored-record.json")
+    first = client.get_model_version_by_alias(SEG, registry.CHALLENGER)
+    assert int(first.version) == before + 1
+    (tmp / "rescored-seg.json").write_text(json.dumps(tiny_seg_metrics(0.61, 0.7)))
+    lines = register(env, "rescored", "rescored-record.json")
+    assert f"{SEG}: new version {before + 2} -> @challenger" in lines
+    again = client.get_model_version_by_alias(SEG, registry.CHALLENGER)
+    assert float(again.tags["metric.dice_damage"]) == pytest.approx(0.61)
+    assert again.tags["model.md5"] == first.tags["model.md5"]

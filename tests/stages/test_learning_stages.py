@@ -30,6 +30,7 @@ def trained(learn_data, learn_params, tmp_path_factory) -> tuple[Path, dict]:
         **learn_params,
         "mlflow": store,
         "search": {**learn_params["search"], "storage": str(tmp / "s.journal")},
+        "train_cnn": {**learn_params["train_cnn"], "ensemble": 2},  # the ensemble path
     }
     path = write_params(tmp / "params.yaml", params)
     search = tmp / "models" / "trabecular" / "cnn_search.json"
@@ -56,7 +57,7 @@ def test_stage_outputs_are_weights_only_state_dicts_with_sidecars(trained) -> No
 
 
 def test_the_cnns_are_ensembles_of_cnn_ensemble_members(trained) -> None:
-    """train_cnn.ensemble (2 in params.yaml) reaches both CNNs, their sidecars and MLflow runs."""
+    """train_cnn.ensemble (2 in these params) reaches both CNNs, their sidecars and MLflow runs."""
     tmp, params = trained
     k = params["train_cnn"]["ensemble"]
     assert k == 2

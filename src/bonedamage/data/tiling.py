@@ -549,15 +549,22 @@ def tile_origin(tile_id: str) -> tuple[int, int]:
 
 
 def damage_masks(data_root: Path, rows: pd.DataFrame) -> np.ndarray:
-    """Ground-truth damage masks of tiles (bool, ``(n, px, px)``), in ``rows`` order.
+    """Ground-truth damage masks of tiles (bool, ``(n, px, px)``), in ``rows`` order: where
+    :func:`damage_labels` holds any kind of damage. ``masks.mean((1, 2))`` equals the
+    index's ``damage_fraction``; all False for scans without a mask."""
+    return damage_labels(data_root, rows) > 0
 
-    Cut from each scan's damage mask exactly as ``tile_scan`` cut the tile (same plane,
-    resampling and origin), so ``masks.mean((1, 2))`` equals the index's
-    ``damage_fraction``; all False for scans without a mask.
+
+def damage_labels(data_root: Path, rows: pd.DataFrame) -> np.ndarray:
+    """Ground-truth damage labels of tiles (uint8, ``(n, px, px)``; the values of
+    :mod:`bonedamage.data.labels`), in ``rows`` order.
+
+    Cut from each scan's label volume exactly as ``tile_scan`` cut the tile (same plane,
+    nearest-neighbour resampling and origin); all 0 for scans without one.
     """
     manifest = read_manifest(data_root).set_index("scan_id")
     size = int(rows["tile_px"].iloc[0]) if len(rows) else 0
-    out = np.zeros((len(rows), size, size), dtype=bool)
+    out = np.zeros((len(rows), size, size), dtype=np.uint8)
     at = pd.Series(np.arange(len(rows)), index=rows.index)
     for scan_id, scan_rows in rows.groupby("scan_id", sort=False):
         if scan_id not in manifest.index:
@@ -571,8 +578,16 @@ def damage_masks(data_root: Path, rows: pd.DataFrame) -> np.ndarray:
             for plane, plane_rows in scan_rows.groupby("plane", sort=False):
                 read = plane_reader(vol, str(plane))[1]
                 for index, group in plane_rows.groupby(PLANE_AXIS[str(plane)], sort=False):
-                    damage = _resample(read(int(index)), scale, 0) > 0
+                    labels = _label_values(_resample(read(int(index)), scale, 0))
                     for key, tile_id in zip(group.index, group["tile_id"], strict=True):
                         r, c = tile_origin(str(tile_id))
-                        out[at[key]] = damage[r : r + size, c : c + size]
+                        out[at[key]] = labels[r : r + size, c : c + size]
     return out
+
+
+def _label_values(plane: np.ndarray) -> np.ndarray:
+    """A mask plane of any dtype as uint8 label values; every value above 0 stays damage."""
+    plane = np.asarray(plane)
+    if plane.dtype == np.uint8:
+        return plane
+    return np.where(plane > 0, np.clip(np.rint(plane), 1, 255), 0).astype(np.uint8)

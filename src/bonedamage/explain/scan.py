@@ -64,6 +64,7 @@ from bonedamage.data.tiling import (
 from bonedamage.data.volume import (
     VOXEL_RANGE_TEXT,
     VolumeError,
+    VolumeReader,
     open_volume,
     voxel_size_in_range,
     write_volume,
@@ -196,22 +197,8 @@ def predict_scan(
     plane = settings.planes[0]
     size = settings.tile_px
     with open_volume(scan) as vol:
-        voxel = voxel_size_um if voxel_size_um is not None else vol.voxel_size_um
-        if voxel is None:
-            raise PredictError(
-                f"{scan}: no voxel size in the TIFF tags (ImageJ, OME or resolution); "
-                "give it with --voxel-size-um"
-            )
-        if not (np.isfinite(voxel) and voxel > 0):
-            raise PredictError(f"{scan}: voxel size {voxel} um; it must be positive")
-        if not voxel_size_in_range(voxel):
-            raise PredictError(
-                f"{scan}: voxel size {voxel:g} um is outside {VOXEL_RANGE_TEXT}; give it in um"
-            )
-        if vol.shape[0] < 2:
-            raise PredictError(f"{scan}: a single 2D slice; predict needs the whole stack")
-        voxel = float(voxel)
-        limits = _Limits.of(model)
+        voxel = scan_voxel_size(vol, scan, voxel_size_um)
+        limits = DomainLimits.of(model)
         resampled = limits.check_voxel(scan, voxel, settings.working_voxel_um, allow_resample)
         scale = scan_scale(voxel, settings.working_voxel_um)
         norm = fit_normalization(vol, settings.percentiles, scale, str(scan))
@@ -226,7 +213,7 @@ def predict_scan(
         estimate = _estimate(vol.shape, vol.dtype, plane, scale, len(indices), settings, cam)
         limits.check_size(scan, estimate, force)
         try:
-            first = plane_tiles(_finite(read(indices[0]), scan, plane, 0), norm, settings)
+            first = plane_tiles(finite_plane(read(indices[0]), scan, plane, 0), norm, settings)
         except TilingError as exc:
             raise TilingError(
                 f"{scan}: {exc} ({plane} plane at the model's working voxel size "
@@ -266,7 +253,7 @@ def predict_scan(
 
             for i in indices:
                 if i != indices[0]:
-                    cut = plane_tiles(_finite(read(i), scan, plane, i), norm, settings)
+                    cut = plane_tiles(finite_plane(read(i), scan, plane, i), norm, settings)
                 else:
                     cut = first
                 if cut.image.shape != page_shape:
@@ -306,8 +293,28 @@ def predict_scan(
     return verdict
 
 
+def scan_voxel_size(vol: VolumeReader, scan: Path, voxel_size_um: float | None) -> float:
+    """The scan's voxel size in um (``voxel_size_um``, else its tags); PredictError naming
+    the scan when there is none, it is implausible, or the scan is a single slice."""
+    voxel = voxel_size_um if voxel_size_um is not None else vol.voxel_size_um
+    if voxel is None:
+        raise PredictError(
+            f"{scan}: no voxel size in the TIFF tags (ImageJ, OME or resolution); "
+            "give it with --voxel-size-um"
+        )
+    if not (np.isfinite(voxel) and voxel > 0):
+        raise PredictError(f"{scan}: voxel size {voxel} um; it must be positive")
+    if not voxel_size_in_range(voxel):
+        raise PredictError(
+            f"{scan}: voxel size {voxel:g} um is outside {VOXEL_RANGE_TEXT}; give it in um"
+        )
+    if vol.shape[0] < 2:
+        raise PredictError(f"{scan}: a single 2D slice; predict needs the whole stack")
+    return float(voxel)
+
+
 @dataclass(frozen=True)
-class _Limits:
+class DomainLimits:
     """The part of a model's applicability domain that ``predict`` applies to a scan."""
 
     has_domain: bool
@@ -316,7 +323,7 @@ class _Limits:
     max_output_ratio: float
 
     @classmethod
-    def of(cls, model: TileClassifier) -> _Limits:
+    def of(cls, model: TileClassifier) -> DomainLimits:
         dom = model.domain or {}
         return cls(
             model.domain is not None,
@@ -394,7 +401,7 @@ def _estimate(
     }
 
 
-def _finite(raw: np.ndarray, scan: Path, plane: str, index: int) -> np.ndarray:
+def finite_plane(raw: np.ndarray, scan: Path, plane: str, index: int) -> np.ndarray:
     """The plane, or PredictError when it holds NaN or inf (the range samples few planes)."""
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise PredictError(

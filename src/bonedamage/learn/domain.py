@@ -8,7 +8,9 @@ says which tiles look like the training tiles, in three parts:
 - **acquisition**: the working voxel size and the tissue (``predict`` checks the scan's
   voxel against it before any tile is cut);
 - **appearance**: the model's penultimate-layer features (the input of each network's
-  last linear layer; the members' features side by side for an ensemble). Their training
+  last linear layer; the members' features side by side for an ensemble; for a
+  segmentation U-Net the input of its last transposed convolution, averaged over the
+  pixels). Their training
   distribution is summarised as one Gaussian per class with a shared covariance (Ledoit-
   Wolf shrinkage, since the features outnumber what a few hundred tiles pin down); a
   tile's score is its squared Mahalanobis distance to the nearer class mean (Lee et al.,
@@ -53,11 +55,16 @@ def _networks(module: nn.Module) -> list[nn.Module]:
     return list(members) if isinstance(members, nn.ModuleList) else [module]
 
 
-def _last_linear(net: nn.Module) -> nn.Linear:
-    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ValueError(f"{type(net).__name__} has no linear layer to take features from")
-    return linear[-1]
+def _feature_layer(net: nn.Module) -> nn.Module:
+    """The layer whose input is the network's feature vector: its last linear layer, or for
+    a fully convolutional network (a segmentation U-Net) its last transposed convolution,
+    whose input is the decoder's last feature map with its skip connection (the last
+    plain convolution maps the classes onto themselves)."""
+    for kind in (nn.Linear, nn.ConvTranspose2d, nn.Conv2d):
+        found = [m for m in net.modules() if isinstance(m, kind)]
+        if found:
+            return found[-1]
+    raise ValueError(f"{type(net).__name__} has no linear or conv layer to take features from")
 
 
 @contextlib.contextmanager
@@ -66,13 +73,17 @@ def feature_capture(module: nn.Module) -> Iterator[Callable[[], np.ndarray]]:
 
     Yields a function that returns the features recorded so far, (n, d) float64, and
     clears them: the input of each network's last linear layer (dropout is off in eval
-    mode), an ensemble's members side by side, batches one after the other.
+    mode; a segmentation model's last transposed convolution, averaged over the pixels), an
+    ensemble's members side by side, batches one after the other.
     """
     nets = _networks(module)
     captured: list[torch.Tensor] = []
 
     def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        captured.append(args[0].detach().flatten(1).double())
+        x = args[0].detach()
+        if x.ndim > 2:  # a feature map: its mean per channel
+            x = x.mean(dim=tuple(range(2, x.ndim)))
+        captured.append(x.flatten(1).double())
 
     def take() -> np.ndarray:
         if not captured:
@@ -84,7 +95,7 @@ def feature_capture(module: nn.Module) -> Iterator[Callable[[], np.ndarray]]:
         captured.clear()
         return torch.cat(per_batch).numpy()
 
-    hooks = [_last_linear(net).register_forward_pre_hook(record) for net in nets]
+    hooks = [_feature_layer(net).register_forward_pre_hook(record) for net in nets]
     try:
         yield take
     finally:

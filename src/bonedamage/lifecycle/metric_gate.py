@@ -77,7 +77,8 @@ def read_baseline(
     tissue: str, repo: Path, rev: str | None, folder: Path | None, metrics: str = "metrics"
 ) -> dict:
     """Baseline metrics of a tissue from ``folder/<tissue>.json``, or from a git revision's
-    ``<metrics>/<tissue>.json`` (``metrics``: params ``pipeline.paths.metrics``)."""
+    ``<metrics>/<tissue>.json`` (``metrics``: params ``pipeline.paths.metrics``); ``tissue``
+    may name another file of the tissue (``cortical-seg``)."""
     if folder is not None:
         path = folder / f"{tissue}.json"
         return load_metrics(path.read_text() if path.is_file() else None, str(path))
@@ -236,32 +237,45 @@ def gate_report(
     metrics_dir: Path | None = None,
     metrics: str = "metrics",
 ) -> GateReport:
-    """Compare ``<metrics>/<tissue>.json`` in the working tree (or ``metrics_dir``) with
-    the baseline; ``metrics`` is params ``pipeline.paths.metrics``."""
+    """Compare ``<metrics>/<tissue>.json`` (and ``<tissue>-seg.json`` with ``cfg``'s
+    ``segmentation`` group) in the working tree (or ``metrics_dir``) with the baseline;
+    ``metrics`` is params ``pipeline.paths.metrics``."""
     metrics_dir = metrics_dir or repo / metrics
     lock_now = (repo / LOCK).read_text() if (repo / LOCK).is_file() else None
     lock_then = git_show(rev, LOCK, repo) if baseline_dir is None and rev else None
     then, now = pipeline_inputs(lock_then), pipeline_inputs(lock_now)
+    # one group per metrics file of a tissue: the classifiers', and the segmentation's
+    # (<tissue>-seg.json) when params gate.segmentation names its models and metrics
+    groups = [("", cfg)]
+    if isinstance(cfg.get("segmentation"), dict):
+        groups.append(("-seg", cfg["segmentation"]))
     pairs = []
-    for tissue in tissues:
-        new_path = metrics_dir / f"{tissue}.json"
-        new = load_metrics(new_path.read_text() if new_path.is_file() else None, str(new_path))
-        old = read_baseline(tissue, repo, rev, baseline_dir, metrics)
-        pairs.append((tissue, old, new, new_path))
+    for suffix, group in groups:
+        for tissue in tissues:
+            new_path = metrics_dir / f"{tissue}{suffix}.json"
+            text = new_path.read_text() if new_path.is_file() else None
+            new = load_metrics(text, str(new_path))
+            old = read_baseline(f"{tissue}{suffix}", repo, rev, baseline_dir, metrics)
+            pairs.append((tissue, old, new, new_path, group))
     platforms = (_platform(pairs[0][1]), _platform(pairs[0][2])) if pairs else (None, None)
     # neither side recorded (older baselines): the old rule, exactness on the same inputs
-    same_platform = all(_platform(old) == _platform(new) for _, old, new, _ in pairs)
+    same_platform = all(_platform(old) == _platform(new) for _, old, new, _, _ in pairs)
     key = "metrics" if same_platform else "cross_platform"
-    if not isinstance(cfg.get(key), dict):
-        raise GateError(
-            f"params gate.{key}: missing (metric -> largest drop tolerated)"
-            + ("" if same_platform else "; needed because the platform differs from the baseline's")
-        )
-    tolerances = {str(k): float(v) for k, v in cfg[key].items()}
     rows: list[Row] = []
-    for tissue, old, new, new_path in pairs:
+    for tissue, old, new, new_path, group in pairs:
+        if not isinstance(group.get(key), dict):
+            where = "gate" if group is cfg else "gate.segmentation"
+            raise GateError(
+                f"params {where}.{key}: missing (metric -> largest drop tolerated)"
+                + (
+                    ""
+                    if same_platform
+                    else "; needed because the platform differs from the baseline's"
+                )
+            )
+        tolerances = {str(k): float(v) for k, v in group[key].items()}
         rows += compare(
-            tissue, old, new, list(cfg["models"]), tolerances, (f"baseline {rev}", str(new_path))
+            tissue, old, new, list(group["models"]), tolerances, (f"baseline {rev}", str(new_path))
         )
     return GateReport(rows, then is not None and then == now, same_platform, platforms)
 

@@ -180,6 +180,28 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
             raise RequestError("tiles contain NaN or infinite values")
         return raw
 
+    def check_units(self, raw: np.ndarray, lo: float, hi: float) -> None:
+        """RequestError when raw tiles and a given range ``lo`` .. ``hi`` are not in the same
+        units (see :meth:`classify`)."""
+        p_lo, p_hi = self.tiling["percentiles"]
+        t_lo, t_hi = (float(v) for v in np.percentile(raw, [p_lo, p_hi]))
+        width, spread, why = hi - lo, t_hi - t_lo, ""
+        rescaled = max(abs(t_lo), abs(t_hi)) <= RESCALED_MAX  # values like [0, 1]
+        if spread < 0.01 * width and rescaled:  # (flat raw tiles vary little too)
+            why = "vary over less than 1% of that width (tiles rescaled, e.g. to [0, 1]?)"
+        elif spread > 100 * width:
+            why = "vary over more than 100 times that width (a range of rescaled tiles?)"
+        elif t_hi < lo - width or t_lo > hi + width:
+            why = "lie more than that width outside it (another scan's range?)"
+        if why:
+            raise RequestError(
+                f"tiles span {t_lo:.6g} .. {t_hi:.6g} (their {p_lo:g}-{p_hi:g} "
+                f"percentiles) but norm_lo .. norm_hi is {lo:.6g} .. {hi:.6g} (width "
+                f"{width:.6g}): the tiles {why}, so tiles and range are not in the same "
+                "units; send the raw scan values with the scan's norm_lo/norm_hi, or leave "
+                "norm_lo/norm_hi out to normalise by the tiles' own range"
+            )
+
     def failed_probability(
         self, tiles: Any, norm_lo: float | None = None, norm_hi: float | None = None
     ) -> np.ndarray:
@@ -214,24 +236,7 @@ class TileClassifier(mlflow.pyfunc.PythonModel):
         raw = self.check(tiles)
         lo, hi = self.intensity_range(raw, norm_lo, norm_hi)
         if norm_lo is not None:
-            p_lo, p_hi = self.tiling["percentiles"]
-            t_lo, t_hi = (float(v) for v in np.percentile(raw, [p_lo, p_hi]))
-            width, spread, why = hi - lo, t_hi - t_lo, ""
-            rescaled = max(abs(t_lo), abs(t_hi)) <= RESCALED_MAX  # values like [0, 1]
-            if spread < 0.01 * width and rescaled:  # (flat raw tiles vary little too)
-                why = "vary over less than 1% of that width (tiles rescaled, e.g. to [0, 1]?)"
-            elif spread > 100 * width:
-                why = "vary over more than 100 times that width (a range of rescaled tiles?)"
-            elif t_hi < lo - width or t_lo > hi + width:
-                why = "lie more than that width outside it (another scan's range?)"
-            if why:
-                raise RequestError(
-                    f"tiles span {t_lo:.6g} .. {t_hi:.6g} (their {p_lo:g}-{p_hi:g} "
-                    f"percentiles) but norm_lo .. norm_hi is {lo:.6g} .. {hi:.6g} (width "
-                    f"{width:.6g}): the tiles {why}, so tiles and range are not in the same "
-                    "units; send the raw scan values with the scan's norm_lo/norm_hi, or leave "
-                    "norm_lo/norm_hi out to normalise by the tiles' own range"
-                )
+            self.check_units(raw, lo, hi)
         prob, distance, inside = self.assess(raw, lo, hi)
         label = (prob > self.threshold).astype(np.int64)
         out = {"prob_failed": prob, "label": label, "class": np.asarray(CLASSES)[label]}

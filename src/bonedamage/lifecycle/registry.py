@@ -5,7 +5,10 @@ Names (``registry.prefix`` = ``bonedamage``):
 - ``<prefix>-<tissue>-cnn``: the final searched CNN;
 - ``<prefix>-<tissue>-resnet``: the ResNet of the init with the best *validation* score;
 - ``<prefix>-<tissue>``: the one name to call per tissue: whichever of the two has the
-  better validation score (the test split never chooses a model).
+  better validation score (the test split never chooses a model);
+- ``<prefix>-<tissue>-seg``: the damage segmentation model (a U-Net; class maps per tile),
+  promoted on its held-out damage Dice and object F1 instead of the classifiers' balanced
+  accuracy and ROC-AUC.
 
 Registering is idempotent: a version whose weights and test set are already registered
 under a name is reused, so ``dvc repro`` can re-sync the registry of a fresh machine
@@ -35,7 +38,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from bonedamage.data.tilestore import TileStore
 from bonedamage.data.tiling import TileSettings
@@ -43,11 +46,18 @@ from bonedamage.learn import domain
 from bonedamage.learn.datasets import split_rows
 from bonedamage.learn.models import build_module
 from bonedamage.learn.scoring import THRESHOLD
+from bonedamage.lifecycle import seg_pyfunc
 from bonedamage.lifecycle.pyfunc import MODEL_CODE
+from bonedamage.lifecycle.seg_runs import seg_training_run
 from bonedamage.lifecycle.tracking import file_md5, process_tags, training_run, version_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRICS = ("balanced_accuracy", "roc_auc", "accuracy", "f1", "ece", "scan_accuracy")
+SEGMENTER = "segmenter"  # the architecture of a segmentation candidate
+SEG_SUFFIX = "-seg"
+SEG_METRICS = (
+    "dice_damage", "iou_damage", "mean_iou", "mean_iou_damage_kinds", "object_f1", "hd95_um",
+)  # fmt: skip
 
 
 class PromotionError(RuntimeError):
@@ -66,8 +76,19 @@ class Candidate:
     metrics: dict[str, Any]
 
     @property
+    def val_key(self) -> str:
+        """The validation score it was selected by: balanced accuracy, or a segmentation
+        model's Dice of the damage classes."""
+        return "val_dice_damage" if self.architecture == SEGMENTER else "val_balanced_accuracy"
+
+    @property
     def val_score(self) -> float:
-        return float(self.meta["val_balanced_accuracy"])
+        return float(self.meta[self.val_key])
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The test metrics its versions carry (``metric.<name>`` tags)."""
+        return SEG_METRICS if self.architecture == SEGMENTER else METRICS
 
 
 # -- what to register -------------------------------------------------------------------
@@ -96,6 +117,13 @@ def candidates(
     resnet = max(resnets, key=lambda c: c.val_score)  # first init wins a tie
     best = cnn if cnn.val_score >= resnet.val_score else resnet
     return [cnn, resnet, replace(best, name=f"{prefix}-{tissue}")]
+
+
+def seg_candidate(prefix: str, tissue: str, models: Path, metrics: dict[str, Any]) -> Candidate:
+    """The tissue's segmentation model (``models/seg.pt``) with its test scores (the
+    ``seg`` entry of ``evaluate_seg``'s metrics file)."""
+    name = seg_model_name(prefix, tissue)
+    return _candidate(name, SEGMENTER, "seg", models / "seg.pt", metrics)
 
 
 def test_set_fingerprint(store: TileStore, splits: pd.DataFrame, tissue: str) -> str:
@@ -153,7 +181,7 @@ def fit_domain(
     acquisition it may answer for (tissue, working voxel, coarsest voxel ratio) and the
     share of out-of-domain tiles above which a scan's verdict is *uncertain*."""
     tissue = tiling["tissue"]
-    module = build_module(cand.meta, cand.weights)
+    module = _module(cand)
     train_pos, train_labels = split_rows(store, table, tissue, "grouped", "train")
     val_pos, _ = split_rows(store, table, tissue, "grouped", "val")
     train, val = store.tiles(train_pos), store.tiles(val_pos)
@@ -183,6 +211,15 @@ def fit_domain(
         val_scan_out_of_domain_share_max=round(float(outside.max()), 6),
     )
     return summary, arrays
+
+
+def _module(cand: Candidate) -> Any:
+    """The candidate's network, weights loaded, in eval mode."""
+    if cand.architecture == SEGMENTER:
+        from bonedamage.learn.segmentation import load_segmenter
+
+        return load_segmenter(cand.weights)[0]
+    return build_module(cand.meta, cand.weights)
 
 
 def domain_md5(summary: dict[str, Any]) -> str:
@@ -216,19 +253,45 @@ def signature(tile_shape: tuple[int, ...], dtype: np.dtype) -> ModelSignature:
     )
 
 
-def _requirements() -> list[str]:
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _requirements(segmentation: bool = False) -> list[str]:
     """Pinned packages the pyfunc imports (the model code itself travels with the model)."""
     names = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "mlflow")
+    names += ("monai",) if segmentation else ()
     return [f"{n}=={importlib.metadata.version(n)}" for n in names]
 
 
-def _version_with(client: MlflowClient, name: str, md5: str, test_set: str, dom: str) -> Any:
-    """An existing version of ``name`` with these weights, test set and domain, else None."""
+def metrics_md5(cand: Candidate) -> str:
+    """Fingerprint of a candidate's test metrics (those its versions carry as tags): the
+    same weights scored anew (other evaluation settings) make a new version, not one whose
+    tags say otherwise."""
+    values = {k: cand.metrics.get(k) for k in cand.metric_names}
+    return hashlib.md5(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _version_with(
+    client: MlflowClient, name: str, md5: str, test_set: str, dom: str, scores: str
+) -> Any:
+    """An existing version of ``name`` with these weights, test set, domain and test
+    metrics, else None."""
     found = client.search_model_versions(
         f"name = '{name}' and tags.`model.md5` = '{md5}' and tags.test_set = '{test_set}' "
-        f"and tags.`domain.md5` = '{dom}'"
+        f"and tags.`domain.md5` = '{dom}' and tags.`metrics.md5` = '{scores}'"
     )
     return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def seg_signature() -> ModelSignature:
+    """A segmentation model's signature: params ``norm_lo`` / ``norm_hi``, one class map
+    per tile out (uint8, n x px x px), and no input schema (see :func:`signature`)."""
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "labels")]),
+        params=ParamSchema([ParamSpec(k, DataType.double, None) for k in ("norm_lo", "norm_hi")]),
+    )
 
 
 def _log_model(
@@ -245,7 +308,11 @@ def _log_model(
         tile.write_text(json.dumps(tiling, indent=2, sort_keys=True))
         domain.save(*extra.domains[cand.name], dom, dom_arrays)
         files = {"meta": meta, "tiling": tile, "domain": dom, "domain_arrays": dom_arrays}
-        trained = training_run(str(cand.meta.get("tissue", "")), cand)
+        tissue = str(cand.meta.get("tissue", ""))
+        if cand.architecture == SEGMENTER:
+            trained = seg_training_run(tissue, cand.weights)
+        else:
+            trained = training_run(tissue, cand)
         if trained is None:
             run_tags = {**tags, **process_tags(), "stage": "register"}
             with mlflow.start_run(run_name=f"register-{cand.name}", tags=run_tags):
@@ -276,17 +343,22 @@ def _reopened(run_id: str) -> Iterator[None]:
 
 def _log_pyfunc(cand: Candidate, example: tuple, files: dict[str, Path]) -> Any:
     """Log the pyfunc and the test metrics to the active run; its ModelInfo."""
+    seg = cand.architecture == SEGMENTER
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(MODEL_CODE),
+        python_model=str(seg_pyfunc.MODEL_CODE if seg else MODEL_CODE),
         artifacts={"weights": str(cand.weights), **{k: str(v) for k, v in files.items()}},
         code_paths=[str(Path(__file__).parents[1])],
-        signature=signature(example[0].shape[1:], example[0].dtype),
+        signature=seg_signature() if seg else signature(example[0].shape[1:], example[0].dtype),
         input_example=example,
-        pip_requirements=_requirements(),
+        pip_requirements=_requirements(seg),
     )
     mlflow.log_metrics(
-        {f"test_{k}": float(v) for k, v in cand.metrics.items() if k in METRICS and v is not None}
+        {
+            f"test_{k}": float(v)
+            for k, v in cand.metrics.items()
+            if k in cand.metric_names and _finite(v)
+        }
     )
     return info
 
@@ -302,10 +374,10 @@ def version_tags_of(cand: Candidate, md5: str, test_set: str, repo: Path) -> dic
         "model.md5": md5,
         "test_set": test_set,
         "params": json.dumps(_settings(cand.meta), sort_keys=True, default=str)[:4000],
-        "val_balanced_accuracy": f"{cand.val_score:.6f}",
+        cand.val_key: f"{cand.val_score:.6f}",
     }
-    for k in METRICS:
-        if cand.metrics.get(k) is not None:
+    for k in cand.metric_names:
+        if _finite(cand.metrics.get(k)):
             tags[f"metric.{k}"] = f"{float(cand.metrics[k]):.6f}"
     return tags
 
@@ -334,12 +406,15 @@ def register_tissue(
     for cand in cands:
         md5 = file_md5(cand.weights)
         # the domain and the Grad-CAM layer travel with a version: either changed, a new one
-        dom = domain_md5({**extra.domains[cand.name][0], "cam": extra.cam_layers})
+        cam = {} if cand.architecture == SEGMENTER else {"cam": extra.cam_layers}
+        dom = domain_md5({**extra.domains[cand.name][0], **cam})
         _ensure_model(client, cand)
-        version = _version_with(client, cand.name, md5, test_set, dom)
+        scores = metrics_md5(cand)
+        version = _version_with(client, cand.name, md5, test_set, dom, scores)
         created = version is None
         if created:
             tags = {**version_tags_of(cand, md5, test_set, repo), "domain.md5": dom}
+            tags["metrics.md5"] = scores
             if md5 not in logged:
                 logged[md5] = _log_model(cand, tiling, example, tags, extra)
             # register_model (not create_model_version): it links the logged model's id,
@@ -356,6 +431,14 @@ _FAMILIES = {
     "tissue": "the better of the tissue's CNN and ResNet on the validation split: the one "
     "name to call for this tissue",
 }
+_SEG_DESCRIPTION = (
+    "Damage segmentation of {tissue} bone tiles: a MONAI U-Net trained on the phantoms' "
+    "ground-truth damage labels. A pyfunc: raw tiles in, a class map per tile out (0 "
+    "background, then {kinds}), with how the tiles were cut and the applicability domain "
+    "it refuses to answer outside; `bonedamage predict` blends overlapping tiles over a "
+    "whole scan and writes the damage maps and a microdamage report. Promoted on the "
+    "held-out damage Dice and object F1. "
+)
 _ALIASES = (
     "Aliases: @challenger is the version the latest pipeline run registered; @champion is "
     "the version to serve, moved onto the challenger by `bonedamage promote` only when it "
@@ -365,7 +448,8 @@ _ALIASES = (
 
 
 def family(cand: Candidate) -> str:
-    """``cnn``, ``resnet`` or ``tissue`` (the name of the tissue's best model)."""
+    """``cnn``, ``resnet``, ``tissue`` (the name of the tissue's best classifier) or
+    ``segmenter``."""
     tissue = str(cand.meta.get("tissue", ""))
     return "tissue" if cand.name.endswith(f"-{tissue}") else cand.architecture
 
@@ -373,6 +457,9 @@ def family(cand: Candidate) -> str:
 def model_description(cand: Candidate) -> str:
     """What a registered model is, by family, and what its aliases mean."""
     tissue = cand.meta.get("tissue", "?")
+    if cand.architecture == SEGMENTER:
+        kinds = ", ".join(str(k) for k in cand.meta.get("classes", [])[1:])
+        return _SEG_DESCRIPTION.format(tissue=tissue, kinds=kinds) + _ALIASES
     return (
         f"Failed-vs-pristine classifier of {tissue} bone tiles: {_FAMILIES[family(cand)]}. "
         "A pyfunc: raw tiles in, p(failed) out, with how the tiles were cut and the "
@@ -411,8 +498,8 @@ def registry_record(
                 "metrics_key": c.key,
                 "weights": c.weights.as_posix(),
                 "weights_md5": file_md5(c.weights),
-                "val_balanced_accuracy": round(c.val_score, 6),
-                "test": {k: c.metrics.get(k) for k in METRICS},
+                c.val_key: round(c.val_score, 6),
+                "test": {k: c.metrics.get(k) for k in c.metric_names},
                 "domain": domains[c.name][0],
             }
             for c in cands
@@ -447,6 +534,20 @@ def _metric(tags: dict[str, str], key: str, who: str) -> float:
     return value
 
 
+def promotion_rule(name: str, cfg: dict[str, Any]) -> tuple[str, float, dict[str, float]]:
+    """(floor metric, floor, largest drop per metric) of a registered model, from params
+    ``registry``: classifiers by balanced accuracy (floor) and ROC-AUC, a segmentation
+    model (``<prefix>-<tissue>-seg``) by ``segmentation``'s damage Dice (floor) and object
+    F1."""
+    if name.endswith(SEG_SUFFIX):
+        seg = cfg.get("segmentation")
+        if not seg:
+            raise PromotionError(f"{name}: params registry.segmentation is missing")
+        return "dice_damage", float(seg["min_dice_damage"]), dict(seg["tolerance"])
+    tolerance = {k: cfg["tolerance"][k] for k in ("balanced_accuracy", "roc_auc")}
+    return "balanced_accuracy", float(cfg["min_balanced_accuracy"]), tolerance
+
+
 def decide(
     name: str,
     challenger: tuple[int, dict[str, str]],
@@ -456,21 +557,24 @@ def decide(
     """Whether ``challenger`` (version, tags) replaces ``champion``; PromotionError when the
     two cannot be compared (no metrics, or metrics from different test data).
 
-    Promote when the challenger's balanced accuracy is at least the champion's minus
-    ``tolerance.balanced_accuracy`` and its ROC-AUC at least the champion's minus
-    ``tolerance.roc_auc``; a challenger below ``min_balanced_accuracy`` is never promoted.
+    Promote when no metric of the model's :func:`promotion_rule` drops below the
+    champion's by more than its tolerance (classifiers: balanced accuracy and ROC-AUC); a
+    challenger below the floor (``min_balanced_accuracy``; a segmentation model's
+    ``segmentation.min_dice_damage``) is never promoted.
     """
     ch_version, ch_tags = challenger
     who = f"{name} version {ch_version}"
-    ba, auc = _metric(ch_tags, "balanced_accuracy", who), _metric(ch_tags, "roc_auc", who)
-    floor = float(cfg["min_balanced_accuracy"])
+    floor_metric, floor, tol = promotion_rule(name, cfg)
+    values = {k: _metric(ch_tags, k, who) for k in dict.fromkeys([floor_metric, *tol])}
+    first = values[floor_metric]
+    label = floor_metric.replace("_", " ")
     before = champion[0] if champion else None
     if champion is None:
-        ok = ba >= floor
+        ok = first >= floor
         reason = (
             "first validated challenger becomes champion"
             if ok
-            else f"balanced accuracy {ba:.4f} below the floor {floor}: no champion yet"
+            else f"{label} {first:.4f} below the floor {floor}: no champion yet"
         )
         return Decision(name, ch_version, None, ok, reason, {})
     ch_version_champ, champ_tags = champion
@@ -484,17 +588,11 @@ def decide(
             f"(MlflowClient().set_registered_model_alias('{name}', 'champion', {ch_version}))"
         )
     who_champ = f"{name} champion version {before}"
-    deltas = {
-        "balanced_accuracy": ba - _metric(champ_tags, "balanced_accuracy", who_champ),
-        "roc_auc": auc - _metric(champ_tags, "roc_auc", who_champ),
-    }
-    tol = cfg["tolerance"]
-    if ba < floor:
+    deltas = {k: values[k] - _metric(champ_tags, k, who_champ) for k in tol}
+    if first < floor:
         return Decision(name, ch_version, before, False, f"below the floor {floor}", deltas)
     worse = [
-        f"{k} {deltas[k]:+.4f} beyond -{float(tol[k])}"
-        for k in ("balanced_accuracy", "roc_auc")
-        if deltas[k] < -float(tol[k])
+        f"{k} {deltas[k]:+.4f} beyond -{float(tol[k])}" for k in tol if deltas[k] < -float(tol[k])
     ]
     if worse:
         return Decision(name, ch_version, before, False, "worse: " + ", ".join(worse), deltas)
@@ -521,6 +619,12 @@ def _alias(client: MlflowClient, name: str, alias: str) -> tuple[int, dict[str, 
             return None
         raise
     return int(v.version), dict(v.tags)
+
+
+def has_alias(client: MlflowClient, name: str, alias: str) -> bool:
+    """Whether ``name`` has a version behind ``alias``; a store that fails to answer raises
+    (never taken for "no such model")."""
+    return _alias(client, name, alias) is not None
 
 
 def _clear_promotion_tags(client: MlflowClient, name: str, version: str) -> None:
@@ -649,8 +753,13 @@ def registered_runs(client: MlflowClient, record: dict[str, Any]) -> dict[str, s
 
 
 def model_names(prefix: str, tissue: str) -> list[str]:
-    """The registered models of a tissue, in the order they are registered."""
+    """The registered classifiers of a tissue, in the order they are registered."""
     return [f"{prefix}-{tissue}-cnn", f"{prefix}-{tissue}-resnet", f"{prefix}-{tissue}"]
+
+
+def seg_model_name(prefix: str, tissue: str) -> str:
+    """The registered segmentation model of a tissue."""
+    return f"{prefix}-{tissue}{SEG_SUFFIX}"
 
 
 def fit_domains(

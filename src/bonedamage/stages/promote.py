@@ -1,7 +1,8 @@
 """Promote a tissue's models (``promote``): each registered model's @champion alias moves onto
 its @challenger when the challenger's test balanced accuracy and ROC-AUC do not drop below
 the champion's by more than params ``registry.tolerance`` (and it clears
-``registry.min_balanced_accuracy``); the first validated challenger becomes champion.
+``registry.min_balanced_accuracy``); the segmentation model's by its damage Dice and object
+F1 (``registry.segmentation``); the first validated challenger becomes champion.
 Versions evaluated on different test data are refused (exit 2, or reported with ``--allow-
 refusal``). Every decision is recorded as version tags. Tracked in MLflow (params mlflow;
 MLFLOW_TRACKING_URI overrides)."""
@@ -22,13 +23,26 @@ def run_promote(params: Path, tissue: str, *, allow_refusal: bool = False) -> in
 
     from mlflow.tracking import MlflowClient
 
-    from bonedamage.lifecycle.registry import PromotionError, model_names, promote
+    from bonedamage.lifecycle.registry import (
+        CHALLENGER,
+        PromotionError,
+        has_alias,
+        model_names,
+        promote,
+        seg_model_name,
+    )
     from bonedamage.lifecycle.tracking import configure
 
     configure(cfg.mlflow.model_dump())
     client, registry = MlflowClient(), cfg.registry.model_dump()
     errors = []
-    for name in model_names(registry["prefix"], tissue):
+    names = model_names(registry["prefix"], tissue)
+    seg = seg_model_name(registry["prefix"], tissue)
+    if has_alias(client, seg, CHALLENGER):  # a segmentation model once one was registered
+        names.append(seg)
+    else:
+        print(f"{seg}: no {CHALLENGER} version (no segmentation model registered): skipped")
+    for name in names:
         try:
             d = promote(client, name, registry)
         except PromotionError as exc:

@@ -1,7 +1,9 @@
 """Register a tissue's models (``register``) in the MLflow model registry:
 <prefix>-<tissue>-cnn, <prefix>-<tissue>-resnet (the init with the best validation score)
 and <prefix>-<tissue> (the better of the two on validation), as pyfuncs that take raw tiles
-and carry how the tiles were cut and their applicability domain; @challenger points at them.
+and carry how the tiles were cut and their applicability domain, and the damage
+segmentation model as <prefix>-<tissue>-seg when MODELS/TISSUE/seg.pt and its scores
+(METRICS/TISSUE-seg.json) are there; @challenger points at them.
 Versions carry the data hashes, git commit, params and test metrics as tags; the pyfunc
 and the test metrics are logged in the run that trained the weights when the store has it,
 so a version leads to its training run. Idempotent:
@@ -28,6 +30,7 @@ def run_register(
     splits: Path | None = None,
     models: Path | None = None,
     metrics: Path | None = None,
+    seg_metrics: Path | None = None,
     out: Path | None = None,
 ) -> int:
     """Register a tissue's CNN, ResNet and tissue model (challenger); write the record."""
@@ -37,12 +40,17 @@ def run_register(
     tiles, splits = Path(tiles or paths.tiles), Path(splits or paths.splits)
     models = Path(models or paths.models) / tissue
     metrics = Path(metrics or Path(paths.metrics) / f"{tissue}.json")
+    seg_metrics = Path(seg_metrics or Path(paths.metrics) / f"{tissue}-seg.json")
     out = Path(out or Path(paths.registry) / f"{tissue}.json")
     require_tables(tiles, splits)
     require(models / "cnn.pt", "input")
     for path in (metrics, models / "cnn.json"):
         require_json(path, "input")
-    check_output_file(out, inputs=(params, tiles, splits, models, metrics))
+    check_output_file(out, inputs=(params, tiles, splits, models, metrics, seg_metrics))
+    segmented = (models / "seg.pt").is_file()
+    if segmented:
+        require_json(models / "seg.json", "input")
+        require_json(seg_metrics, "input")
 
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -54,6 +62,7 @@ def run_register(
         fit_domains,
         register_tissue,
         registry_record,
+        seg_candidate,
         test_example,
         test_set_fingerprint,
         tiling_info,
@@ -64,6 +73,11 @@ def run_register(
     cands = candidates(
         cfg.registry.prefix, tissue, models, json.loads(metrics.read_text()), list(cfg.resnet.inits)
     )
+    if segmented:
+        scores = json.loads(seg_metrics.read_text())
+        cands.append(seg_candidate(cfg.registry.prefix, tissue, models, scores))
+    else:
+        print(f"{tissue}: no segmentation model ({models / 'seg.pt'}): none registered")
     store, table = TileStore(tiles), pd.read_parquet(splits)
     test_set = test_set_fingerprint(store, table, tissue)
     meta = cands[0].meta
