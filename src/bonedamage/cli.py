@@ -165,6 +165,8 @@ COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
                          "segmentation models: 64)"},
         "--overlap": {"type": float, "help": "segmentation models: share of a tile its "
                       "neighbours overlap, in [0, 1) (default: 0.5)"},
+        "--min-component-voxels": {"type": _positive_int, "help": "segmentation models: "
+                                   "smallest damage component the report counts (default: 8)"},
     }),
     "gate": ("regression gate on the metrics", {
         "--rev": {"help": "git revision of the baseline (default: HEAD)"},

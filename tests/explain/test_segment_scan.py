@@ -589,3 +589,19 @@ def test_predict_command_detects_a_segmentation_model_and_runs_from_any_folder(
     err = capsys.readouterr().err
     assert "has no Grad-CAM" in err and "overlap 1.5: must be in [0, 1)" in err
     assert not (elsewhere / "cam").exists() and not (elsewhere / "o2").exists()
+
+
+def test_the_report_counts_only_components_of_the_smallest_size_asked_for(oracle_run) -> None:
+    """--min-component-voxels: a larger minimum drops the 108-voxel buckled region from the
+    counts, not from the voxels, and the report says which minimum it used."""
+    tmp = oracle_run["tmp"]
+    model = _oracle(tmp, oracle_run["vol"])
+    seg.segment_scan(model, oracle_run["scan"], tmp / "big", progress=False,
+                     min_component_voxels=109)  # fmt: skip
+    report = json.loads((tmp / "big" / "morphometry.json").read_text())
+    assert report["min_component_voxels"] == 109
+    assert report["kinds"]["buckled"]["count"] == 0
+    assert report["kinds"]["buckled"]["voxels"] == 3 * 6 * 6
+    with pytest.raises(PredictError, match="min_component_voxels 0: must be at least 1"):
+        seg.segment_scan(model, oracle_run["scan"], tmp / "none", progress=False,
+                         min_component_voxels=0)  # fmt: skip

@@ -121,16 +121,20 @@ def segment_scan(
     device: str = "auto",
     progress: bool = True,
     force: bool = False,
+    min_component_voxels: int = MIN_COMPONENT_VOXELS,
 ) -> dict[str, Any]:
     """Map damage through a whole scan into ``out`` (replaced atomically); return the verdict.
 
     ``overlap`` in [0, 1) is the share of a tile its neighbours share (0.5: about 4x the
     tiles of a mosaic); ``batch_size`` tiles go through the model at once; ``device``
-    ``auto`` takes CUDA when there is one. Refusals as :func:`~bonedamage.explain.scan.
+    ``auto`` takes CUDA when there is one; the report counts components of at least
+    ``min_component_voxels``. Refusals as :func:`~bonedamage.explain.scan.
     predict_scan`'s (PredictError naming the scan); nothing is left in ``out`` on error.
     """
     if batch_size < 1:
         raise PredictError(f"batch_size {batch_size}: must be a positive number of tiles")
+    if min_component_voxels < 1:
+        raise PredictError(f"min_component_voxels {min_component_voxels}: must be at least 1")
     if not (math.isfinite(overlap) and 0 <= overlap < 1):
         raise PredictError(f"overlap {overlap}: must be in [0, 1) (share of a tile shared)")
     settings = settings_of(model.tiling)
@@ -200,7 +204,8 @@ def segment_scan(
             verdict = _verdict(model, scan, model_uri, plane, voxel, settings, overlap, count)
             verdict.update(limits.judge(tiles, resampled), estimate=estimate)
             sections = DamageSections.empty(shape, voxel)
-            report = measure_damage(vol, labels, norm, voxel, model.classes, sections, progress)
+            report = measure_damage(vol, labels, norm, voxel, model.classes, sections, progress,
+                                    min_component_voxels)  # fmt: skip
             report = {"scan": str(scan), "model": model_uri, **report}
             verdict.update(_headline(report))
             for name, stack in (("damage_probability", prob), ("labels", labels)):
@@ -447,6 +452,7 @@ def measure_damage(
     classes: list[str],
     sections: DamageSections | None = None,
     progress: bool = False,
+    min_component_voxels: int = MIN_COMPONENT_VOXELS,
 ) -> dict[str, Any]:
     """The microdamage report of a label stack (z, y, x) over its scan, streamed along z.
 
@@ -456,7 +462,7 @@ def measure_damage(
     slice by slice, on a histogram of the whole field: the one threshold of the scan);
     the reference bone is bone plus every damaged voxel (crack and fracture gaps are dark
     but were bone). Per damage kind of ``classes``: voxels and volume, 26-connected
-    components of at least ``MIN_COMPONENT_VOXELS`` (count, per mm^3 of bone, volumes,
+    components of at least ``min_component_voxels`` (count, per mm^3 of bone, volumes,
     length, width and long-axis angle to the load axis z as distributions), and traces per
     mm^2 of axial section (8-connected, mean over the slices). The damaged fraction of bone
     overall and per slice (its profile along z). ``sections`` records what the orthoviews
@@ -502,11 +508,11 @@ def measure_damage(
         "bone_threshold": round(threshold, 4),
         "damaged_volume_mm3": round(float(damaged_vox.sum()) * voxel_mm3, 6),
         "damaged_bone_fraction": round(float(damaged_vox.sum() / max(bone_vox.sum(), 1)), 6),
-        "min_component_voxels": MIN_COMPONENT_VOXELS,
+        "min_component_voxels": int(min_component_voxels),
         "kinds": {},
     }
     for value, stream in streams.items():
-        shapes = stream.shapes(voxel_um, MIN_COMPONENT_VOXELS)
+        shapes = stream.shapes(voxel_um, min_component_voxels)
         voxels = int(sum(stream.voxels))
         count = int(shapes["voxels"].size)
         report["kinds"][kinds.NAMES[value]] = {

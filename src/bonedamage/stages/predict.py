@@ -39,12 +39,14 @@ def run_predict(
     cam_layer: str | None = None,
     batch_size: int | None = None,
     overlap: float | None = None,
+    min_component_voxels: int | None = None,
     progress: bool = True,
 ) -> int:
     """Predict a whole scan with a registered model: tile table, verdict, 3D damage maps.
 
     ``batch_size`` defaults to 256 tiles for a classifier, 64 for a segmentation model;
-    ``overlap`` (segmentation models only) to 0.5.
+    ``overlap`` (segmentation models only) to 0.5, ``min_component_voxels`` (the report's
+    smallest counted component, segmentation models only) to 8, as ``describe`` counts.
     """
     require(scan, "scan", folder=None)  # before MLflow and the model load
     # params.yaml only overrides explain.layer and names the tracking store; without one,
@@ -66,9 +68,12 @@ def run_predict(
         options = {"voxel_size_um": voxel_size_um, "allow_resample": allow_resample,
                    "batch_size": batch_size or 64, "progress": progress, "force": force,
                    "overlap": 0.5 if overlap is None else overlap}  # fmt: skip
+        if min_component_voxels is not None:
+            options["min_component_voxels"] = min_component_voxels
         return _segment(classifier, Path(scan), model, Path(out), options)
-    if overlap is not None:
-        raise PredictError(f"{model}: --overlap applies to segmentation models only")
+    for name, value in (("--overlap", overlap), ("--min-component-voxels", min_component_voxels)):
+        if value is not None:
+            raise PredictError(f"{model}: {name} applies to segmentation models only")
     kind = classifier.meta["kind"]
     override = layer_for(cfg.explain.model_dump(), kind) if cfg is not None else None
     verdict = predict_scan(
