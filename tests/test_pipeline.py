@@ -59,7 +59,10 @@ TARGETS = ("describe", f"explain@{TISSUE}", f"promote@{TISSUE}")
 # B's runs that get killed leave out register and promote (always changed: they would run
 # again each time); its last run does them once
 KILL_TARGETS = TARGETS[:2]
-LEARN = ("search", "train_cnn", "pretrain", "train_resnet", "evaluate", "register", "promote")
+LEARN = (
+    "search", "train_cnn", "pretrain", "train_resnet", "train_seg", "evaluate", "evaluate_seg",
+    "register", "promote",
+)  # fmt: skip
 STAGES = {"describe", "tile", "split", *(f"{s}@{TISSUE}" for s in (*LEARN, "explain"))}
 OUTPUTS = (
     "metrics/data.json",
@@ -74,7 +77,8 @@ JOURNAL = "optuna/studies.journal"
 
 def small_params(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """params.yaml shrunk to seconds per stage: 3 small specimens per tissue, 16 px tiles,
-    4 search trials of 2 epochs, one ResNet init, few Grad-CAM tiles, on the CPU; MLflow
+    4 search trials of 2 epochs, one ResNet init, 2 segmentation epochs, few Grad-CAM tiles,
+    on the CPU; MLflow
     artifacts of the local store outside the projects."""
     p = copy.deepcopy(params)
     p["synth"] = small_synth(params, specimens_per_tissue=3, load_steps=[0.0, 1.0])
@@ -86,6 +90,7 @@ def small_params(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
     p["search"]["space"].update(n_blocks=[2, 2], base_filters=[4, 8], dense_units=[8])
     p["resnet"].update(inits=["pretext"], epochs=1, pretext_epochs=1, batch_size=32)
     p["evaluate"]["bootstrap"] = 50
+    p["segment"].update(epochs=2, patience=2, batch_size=64)
     p["explain"].update(n_per_outcome=2, localization_tiles=8, faithfulness_tiles=2)
     p["mlflow"] = {"db": "mlflow.db", "artifacts": str(tmp / "mlartifacts"), "experiment": "e2e"}
     return p
@@ -345,6 +350,7 @@ def test_pipeline_is_deterministic_survives_kills_and_tracks_alike_on_a_server(
 ) -> None:
     small = small_params(params, tmp_path)
     small["registry"]["min_balanced_accuracy"] = 0.0  # a champion whatever the tiny models
+    small["registry"]["segmentation"]["min_dice_damage"] = 0.0
     params_text = yaml.safe_dump(small, sort_keys=False)
 
     # A: uninterrupted, local store; in the background while B is killed and re-run
@@ -457,7 +463,7 @@ def test_pipeline_is_deterministic_survives_kills_and_tracks_alike_on_a_server(
     assert {f"{n}-{TISSUE}" for n in ("search", "cnn", "cnn_leaky", "evaluate")} <= names
     assert {f"{n}-{TISSUE}" for n in ("pretext", "resnet_pretext")} <= names
     store_a = f"sqlite:///{a / 'mlflow.db'}"
-    assert champions_b == champions(store_a) and len(champions_b) == 3
+    assert champions_b == champions(store_a) and len(champions_b) == 4  # cnn, resnet, tissue, seg
     assert served_b == champion_probabilities(store_a, a) and len(served_b) == 4
     assert not [r for r in runs_a + runs_b if r.info.status == "RUNNING"]
     # the search was killed mid-trial, inside its run (train_cnn may fall between two runs)
