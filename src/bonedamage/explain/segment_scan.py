@@ -79,6 +79,7 @@ from bonedamage.explain.scan import (
     scan_voxel_size,
     settings_of,
 )
+from bonedamage.learn.segmentation import BACKGROUND, LABEL_VALUE
 from bonedamage.learn.tiled_inference import segment_plane
 from bonedamage.learn.tiled_inference import window_origins as forward_origins
 
@@ -87,8 +88,6 @@ if TYPE_CHECKING:
 
     from bonedamage.lifecycle.seg_pyfunc import TileSegmenter
 
-BACKGROUND = "background"
-LABEL_OF = {name: value for value, name in kinds.NAMES.items()}  # microcrack -> 1, ...
 PLANE_NORMAL = {"axial": 0, "coronal": 1, "sagittal": 2}  # axis of (z, y, x) along the normal
 MIN_COMPONENT_VOXELS = 8  # damage_measures' default: smaller specks have no shape
 BONE_SMOOTH_VOX = 1.0  # Gaussian sigma before Otsu, as morphometry.segment_bone
@@ -99,13 +98,13 @@ OUTPUTS = ("damage_probability.tif", "labels.tif", "morphometry.json", "morphome
 
 def label_values(classes: list[str]) -> np.ndarray:
     """Label value (:mod:`bonedamage.data.labels`) of each of the model's classes, uint8."""
-    unknown = [c for c in classes if c != BACKGROUND and c not in LABEL_OF]
+    unknown = [c for c in classes if c != BACKGROUND and c not in LABEL_VALUE]
     if unknown or not classes or classes[0] != BACKGROUND:
         raise PredictError(
             f"model classes {classes}: expected background first, then damage kinds of "
             f"{[n for v, n in kinds.NAMES.items() if v]}"
         )
-    return np.array([0 if c == BACKGROUND else LABEL_OF[c] for c in classes], np.uint8)
+    return np.array([0 if c == BACKGROUND else LABEL_VALUE[c] for c in classes], np.uint8)
 
 
 def segment_scan(
@@ -469,7 +468,7 @@ def measure_damage(
     draw as the slices stream by.
     """
     nz = labels.shape[0]
-    present = [LABEL_OF[c] for c in classes if c != BACKGROUND]
+    present = [LABEL_VALUE[c] for c in classes if c != BACKGROUND]
     streams = {v: _Components(v) for v in present}
     centres = (_BINS[:-1] + _BINS[1:]) / 2
     step = float(_BINS[1] - _BINS[0])
@@ -725,7 +724,7 @@ def damage_orthoviews_figure(
         ax.set_ylabel(f"{y_name} (µm{', load axis' if y_name == 'z' else ''})", fontsize=8)
         ax.tick_params(labelsize=7)
     handles = [
-        Patch(facecolor=LABEL_COLOURS[LABEL_OF[c]], alpha=LABEL_ALPHA, edgecolor="0.4", label=c)
+        Patch(facecolor=LABEL_COLOURS[LABEL_VALUE[c]], alpha=LABEL_ALPHA, edgecolor="0.4", label=c)
         for c in verdict["classes"]
         if c != BACKGROUND
     ]
