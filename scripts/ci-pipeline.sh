@@ -2,7 +2,7 @@
 # CI's reproduction of the main job (scripts/run-pipeline.sh) in three phases, each one
 # workflow step (and one .ci/run step) with its own duration and artifacts:
 #   data     materialise data/raw, then describe, tile, split, validate (Data Docs)
-#   learn    search, train_cnn, pretrain, train_resnet, train_seg, evaluate
+#   learn    search, train_cnn, corpus, pretrain, train_resnet, train_seg, evaluate
 #   explain  the Grad-CAM exports and localization metrics, the segmentation's scores
 #            (against Grad-CAM's), register, promote, then track (MLflow runs of stages DVC
 #            may skip)
@@ -16,7 +16,7 @@ case "$phase" in
   data)
     stages=(describe tile split validate) ;;
   learn)
-    stages=('search@*' 'train_cnn@*' 'pretrain@*' 'train_resnet@*' 'train_seg@*' 'evaluate@*') ;;
+    stages=('search@*' 'train_cnn@*' corpus 'pretrain@*' 'train_resnet@*' 'train_seg@*' 'evaluate@*') ;;
   explain)
     stages=('explain@*' 'evaluate_seg@*' 'register@*' 'promote@*' 'track@*') ;;
   *)

@@ -26,11 +26,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
     -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
   # Quantus (explanation metrics) requires the GUI build of OpenCV, which needs libGL and
-  # overwrites the headless build that grad-cam requires: Quantus alone, without its deps
-  # (the others are pinned above)
+  # overwrites the headless build that grad-cam requires; lightly (SimSiam's heads and loss)
+  # requires PyTorch Lightning and Hydra, which the modules used here do not import: both
+  # alone, without their deps (the others are pinned above)
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt \
-    quantus 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$VENV/bin/python" -c "import bonedamage, torch, torchvision, dvc, monai, quantus" \
+    quantus lightly 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VENV/bin/python" -c "import bonedamage, torch, torchvision, dvc, monai, quantus, lightly" \
     || { echo "error: the environment in $VENV is incomplete" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi

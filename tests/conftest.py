@@ -247,7 +247,16 @@ def learn_params(params: dict[str, Any]) -> dict[str, Any]:
     p["train"].update(epochs=2, patience=2, threads=1)
     p["search"].update(n_trials=3, epochs=2, n_startup_trials=2, timeout_s=None)
     p["search"]["space"].update(n_blocks=[2, 2], base_filters=[4, 8], dense_units=[8])
-    p["resnet"].update(epochs=1, pretext_epochs=1, freeze_epochs=1, batch_size=32)
+    p["resnet"].update(epochs=1, freeze_epochs=1, batch_size=32)
+    # a corpus of 2 small specimens per tissue, pretrained for one epoch
+    p["pretrain"]["corpus"].update(
+        specimens_per_tissue=2,
+        first_specimen=100,
+        shape={t: p["synth"][t]["shape"] for t in ("cortical", "trabecular")},
+        slice_stride=4,
+    )
+    p["pretrain"].update(epochs=1, batch_size=32)
+    p["pretrain"]["simsiam"]["crop_px"] = 12
     p["evaluate"]["bootstrap"] = 50
     return p
 

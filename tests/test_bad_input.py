@@ -37,8 +37,9 @@ INPUTS = [
     f"models/{TISSUE}/cnn.pt",
     f"models/{TISSUE}/cnn.json",
     f"models/{TISSUE}/cnn_leaky.pt",
-    f"models/{TISSUE}/pretext.pt",
-    f"models/{TISSUE}/pretext.json",
+    "data/corpus/tiles/index.parquet",
+    "models/pretrained/procedural.pt",
+    "models/pretrained/procedural.json",
     f"models/{TISSUE}/resnet/resnet_scratch.pt",
     f"models/{TISSUE}/resnet/resnet_scratch.json",
     f"metrics/{TISSUE}.json",
@@ -60,6 +61,7 @@ WRONG = {  # a file of another kind, by extension
 
 # Values for the required arguments, by dest; a required option with choices gets its first.
 VALUES = {"scan": "scan.tif", "model": "model", "out": "out", "tissue": TISSUE}
+VALUES["method"] = "procedural"  # pretrain: a method of the committed params (pretrain.methods)
 # More than one way to give a command its input (each one is run in every variant).
 SCAN_FIELDS = ["--specimen-id", "S1", "--tissue", TISSUE, "--state", "pristine"]
 ALTERNATIVES = {
@@ -67,6 +69,9 @@ ALTERNATIVES = {
     "gate": [[], ["--baseline", "baseline", "--metrics", "metrics"]],
 }
 
+
+# commands whose only input is the params file
+PARAMS_ONLY = {"synth", "corpus"}
 
 # import torch and MLflow before they fail, or create a tracking store (seconds each)
 SLOW = {"promote", "predict"}
@@ -92,7 +97,7 @@ def required_args(parser) -> list[str]:
 
 def make_variant(root: Path, variant: str) -> None:
     """The working folder of one variant: every input missing, empty or of another kind;
-    ``params.yaml`` (read by synth here) likewise: absent, empty, a folder."""
+    ``params.yaml`` (read by synth and corpus here) likewise: absent, empty, a folder."""
     root.mkdir(parents=True)
     if variant == "missing":
         return
@@ -137,8 +142,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     cases, before = [], {}
     for command, parser in subcommands().items():
         base = [command, *required_args(parser), "--no-progress"]
-        # synth reads nothing but its params: it gets the variant's (bad) params file
-        params = "params.yaml" if command == "synth" else str(params_copy)
+        # synth and corpus read nothing but their params: they get the variant's (bad)
+        # params file
+        params = "params.yaml" if command in PARAMS_ONLY else str(params_copy)
         for variant in VARIANTS:
             cwd = tmp / command / variant
             make_variant(cwd, variant)

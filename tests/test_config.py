@@ -184,8 +184,26 @@ def test_an_unknown_section_is_refused(
         ("evaluate.baseline", "svm", "evaluate.baseline: must be one of 'logistic' or 'forest'"),
         ("resnet.arch", "resnet34", "resnet.arch: must be one of 'resnet18' or 'resnet50'"),
         ("resnet.stem", "tiny", "resnet.stem: must be one of 'imagenet' or 'fine', got 'tiny'"),
-        ("resnet.inits", "pretext", "resnet.inits: must be a list, got 'pretext'"),
-        ("resnet.inits", ["random"], "resnet.inits[0]: must be one of 'imagenet', 'pretext'"),
+        ("resnet.inits", "scratch", "resnet.inits: must be a list, got 'scratch'"),
+        (
+            "resnet.inits",
+            ["pretext"],  # the rotation pretext of old: now one of the pretraining methods
+            "resnet.inits[0]: must be one of 'imagenet', 'procedural', 'simsiam', 'rotation' "
+            "or 'scratch', got 'pretext'",
+        ),
+        ("resnet.inits", ["scratch", "scratch"], "resnet.inits: lists a value twice"),
+        (
+            "pretrain.methods",
+            ["fractal"],
+            "pretrain.methods[0]: must be one of 'procedural', 'simsiam' or 'rotation', "
+            "got 'fractal'",
+        ),
+        ("pretrain.methods", ["simsiam", "rotation", "simsiam"], "lists a value twice"),
+        ("pretrain.methods", [], "pretrain.methods: must hold at least one item, got none"),
+        ("pretrain.corpus.first_specimen", -1, "pretrain.corpus.first_specimen: must be"),
+        ("pretrain.simsiam.crop_px", 0, "pretrain.simsiam.crop_px: must be a positive integer"),
+        ("pretrain.val_fraction", 1.0, "pretrain.val_fraction: must be"),
+        ("pretrain.corpus.shape.trabecular", [64, 160], "must hold exactly 3 items"),
         ("tile.planes.cortical", ["oblique"], "tile.planes.cortical[0]: must be one of 'axial'"),
         ("search.pruner.kind", "patient", "search.pruner.kind: must be one of 'median'"),
         ("search.timeout_s", True, "search.timeout_s: must be a positive number, got true"),
@@ -221,7 +239,8 @@ def test_every_problem_is_reported_at_once_without_pydantic_noise(
     assert lines == [
         f"{path}: train.epochs: must be a positive integer, got 0",
         f"{path}: gate.models[1]: must be one of 'cnn', 'cnn_leaky_split', 'resnet_imagenet', "
-        "'resnet_pretext', 'resnet_scratch' or 'baseline', got 'vit'",
+        "'resnet_procedural', 'resnet_simsiam', 'resnet_rotation', 'resnet_scratch' or "
+        "'baseline', got 'vit'",
         f"{path}: missing section 'tile'",
     ]
     assert "pydantic" not in str(info.value)

@@ -91,8 +91,8 @@ def _stage_names() -> list[str]:
 
 def test_dvc_yaml_has_the_pipeline_stages() -> None:
     assert list(DVC) == [
-        "describe", "tile", "split", "validate", "search", "train_cnn", "pretrain",
-        "train_resnet", "train_seg", "evaluate", "explain", "evaluate_seg", "register",
+        "describe", "tile", "split", "validate", "search", "train_cnn", "corpus",
+        "pretrain", "train_resnet", "train_seg", "evaluate", "explain", "evaluate_seg", "register",
         "promote", "track",
     ]  # fmt: skip
 

@@ -4,7 +4,7 @@ same against an MLflow tracking server as against the local store.
 Two throwaway projects (``dvc.yaml`` and ``src/`` copied from the repo, ``git init``,
 ``dvc init``, raw data from ``bonedamage synth`` committed as ``data.dvc``) run every
 stage of one tissue from the same params on the CPU: ``describe``, ``tile``, ``split``,
-``search``, ``train_cnn``, ``pretrain``, ``train_resnet``, ``evaluate``, ``register``,
+``search``, ``train_cnn``, ``corpus``, ``pretrain``, ``train_resnet``, ``evaluate``, ``register``,
 ``promote`` and ``explain`` (``validate`` has its own tests; the other tissue's stages
 are the same code).
 
@@ -60,10 +60,14 @@ TARGETS = ("describe", f"explain@{TISSUE}", f"promote@{TISSUE}")
 # again each time); its last run does them once
 KILL_TARGETS = TARGETS[:2]
 LEARN = (
-    "search", "train_cnn", "pretrain", "train_resnet", "train_seg", "evaluate", "evaluate_seg",
-    "register", "promote",
+    "search", "train_cnn", "train_resnet", "train_seg", "evaluate", "evaluate_seg", "register",
+    "promote",
 )  # fmt: skip
-STAGES = {"describe", "tile", "split", *(f"{s}@{TISSUE}" for s in (*LEARN, "explain"))}
+METHOD = "procedural"  # the one pretraining method of these params
+STAGES = {
+    "describe", "tile", "split", "corpus", f"pretrain@{METHOD}",
+    *(f"{s}@{TISSUE}" for s in (*LEARN, "explain")),
+}  # fmt: skip
 OUTPUTS = (
     "metrics/data.json",
     "metrics/splits.json",
@@ -88,7 +92,14 @@ def small_params(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
     # 4 trials: a kill meant for trial 1 that lands late still finds trial 2 or 3 running
     p["search"].update(n_trials=4, epochs=2, n_startup_trials=2, timeout_s=None)
     p["search"]["space"].update(n_blocks=[2, 2], base_filters=[4, 8], dense_units=[8])
-    p["resnet"].update(inits=["pretext"], epochs=1, pretext_epochs=1, batch_size=32)
+    p["resnet"].update(inits=[METHOD], epochs=1, batch_size=32)
+    p["pretrain"].update(methods=[METHOD], epochs=1, batch_size=32)
+    p["pretrain"]["corpus"].update(
+        specimens_per_tissue=2,
+        first_specimen=3,
+        shape={t: p["synth"][t]["shape"] for t in ("cortical", "trabecular")},
+        slice_stride=4,
+    )
     p["evaluate"]["bootstrap"] = 50
     p["segment"].update(epochs=2, patience=2, batch_size=64)
     p["explain"].update(n_per_outcome=2, localization_tiles=8, faithfulness_tiles=2)
@@ -461,7 +472,7 @@ def test_pipeline_is_deterministic_survives_kills_and_tracks_alike_on_a_server(
     assert last_finished(runs_b) == last_finished(runs_a)
     names = set(last_finished(runs_a))
     assert {f"{n}-{TISSUE}" for n in ("search", "cnn", "cnn_leaky", "evaluate")} <= names
-    assert {f"{n}-{TISSUE}" for n in ("pretext", "resnet_pretext")} <= names
+    assert {f"pretrain-{METHOD}", f"resnet_{METHOD}-{TISSUE}"} <= names
     store_a = f"sqlite:///{a / 'mlflow.db'}"
     assert champions_b == champions(store_a) and len(champions_b) == 4  # cnn, resnet, tissue, seg
     assert served_b == champion_probabilities(store_a, a) and len(served_b) == 4

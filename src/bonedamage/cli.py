@@ -121,8 +121,22 @@ COMMANDS: dict[str, tuple[str, dict[str, dict]]] = {
         "--worker": {"type": int, "help": "worker number when processes share the study"},
     }),
     "train-cnn": ("train the final CNN", LEARN),
-    "pretrain": ("ResNet rotation pretraining", LEARN),
-    "train-resnet": ("ResNet transfer learning (imagenet | pretext | scratch)", LEARN),
+    "corpus": ("generate and tile the pretraining corpus (phantoms of other specimens)", {
+        **_out("CORPUS"), "--workers": {"type": _positive_int, "help": "processes (default: "
+        "params synth.workers); the output does not depend on it"},
+        "--force": _flag(FORCE),
+    }),
+    "pretrain": ("pretrain the ResNet backbone (procedural | simsiam | rotation)", {
+        "--method": {"required": True, "help": "one of params pretrain.methods"},
+        **TABLES,
+        "--corpus": {"help": "pretraining corpus (default: params pipeline.paths.corpus)"},
+        **_out("MODELS/pretrained/METHOD.pt"),
+    }),
+    "train-resnet": ("ResNet transfer learning (imagenet | procedural | simsiam | rotation "
+                     "| scratch)", {
+        **LEARN, "--pretrained": {"help": "pretrained backbones folder (default: "
+                                  "MODELS/pretrained)"},
+    }),
     "evaluate": ("test-split metrics", {
         **LEARN, **_out("METRICS/TISSUE.json"),
         "--plots": {"help": "ROC curves folder, holding TISSUE/ (default: PLOTS)"},

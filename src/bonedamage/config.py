@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -192,6 +192,7 @@ class PipelinePaths(_Section):
     raw: Name
     tiles: Name
     splits: Name
+    corpus: Name
     models: Name
     metrics: Name
     plots: Name
@@ -576,11 +577,59 @@ class SearchSection(_Section):
 # -- resnet, evaluate, registry, domain -----------------------------------------------------
 
 
+PretrainMethod = Literal["procedural", "simsiam", "rotation"]
+PRETRAIN_METHODS: Final = get_args(PretrainMethod)
+PRETRAINED_FOLDER: Final = "pretrained"  # <models>/pretrained/<method>.pt (pretrain stage)
+
+
+class PretrainCorpus(_Section):
+    """``bonedamage corpus``: more phantoms of the synth physics for pretraining."""
+
+    specimens_per_tissue: PosInt
+    first_specimen: NonNegInt  # generator index of the first corpus specimen
+    shape: dict[Tissue, Annotated[list[PosInt], _count(3)]]  # z, y, x voxels per tissue
+    slice_stride: PosInt
+
+
+class PretrainSimsiam(_Section):
+    """SimSiam (Chen and He, 2021) settings: views, heads and optimiser."""
+
+    crop_px: PosInt  # random crops at the native voxel size (no rescaling)
+    augment_strength: Fraction  # of params augment, for each view
+    projection_dim: PosInt
+    prediction_dim: PosInt
+    lr: PosReal  # SGD, scaled by batch_size / 256
+    momentum: BelowOne
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"lists a value twice: {values}")
+    return values
+
+
+class PretrainSection(_Section):
+    """``bonedamage corpus`` / ``pretrain``: backbones for the ResNet's transfer learning."""
+
+    methods: Annotated[list[PretrainMethod], _NONEMPTY, AfterValidator(_unique)]
+    corpus: PretrainCorpus
+    epochs: PosInt
+    batch_size: PosInt
+    lr: PosReal
+    weight_decay: NonNegReal
+    augment_strength: Fraction  # of params augment (procedural; rotation: none)
+    val_fraction: Annotated[float, _real(gt=0, lt=1)]
+    simsiam: PretrainSimsiam
+
+
 class ResnetSection(_Section):
-    """``bonedamage pretrain`` / ``train-resnet``: transfer learning."""
+    """``bonedamage train-resnet``: transfer learning."""
 
     arch: Literal["resnet18", "resnet50"]
-    inits: list[Literal["imagenet", "pretext", "scratch"]]
+    inits: Annotated[
+        list[Literal["imagenet", "procedural", "simsiam", "rotation", "scratch"]],
+        AfterValidator(_unique),
+    ]
     weights_path: Name | None = None  # ImageNet weights file; None: the torch cache
     stem: Literal["imagenet", "fine"] = "imagenet"  # learn.models.DEFAULT_STEM
     freeze_epochs: NonNegInt = 0
@@ -590,7 +639,6 @@ class ResnetSection(_Section):
     weight_decay: NonNegReal
     batch_size: PosInt
     augment_strength: Fraction = 1.0
-    pretext_epochs: PosInt
     channels_last: StrictBool  # overrides train.channels_last
 
 
@@ -725,7 +773,14 @@ class ExplainSection(_Section):
 # -- gate -----------------------------------------------------------------------------------
 
 GateModel = Literal[
-    "cnn", "cnn_leaky_split", "resnet_imagenet", "resnet_pretext", "resnet_scratch", "baseline"
+    "cnn",
+    "cnn_leaky_split",
+    "resnet_imagenet",
+    "resnet_procedural",
+    "resnet_simsiam",
+    "resnet_rotation",
+    "resnet_scratch",
+    "baseline",
 ]
 # the gate tolerates a drop (baseline - new), so only metrics where higher is better
 GatedMetric = Literal[
@@ -794,6 +849,7 @@ class Params(_Section):
     train: TrainSection
     train_cnn: TrainCnnSection
     search: SearchSection
+    pretrain: PretrainSection
     resnet: ResnetSection
     evaluate: EvaluateSection
     segment: SegmentSection

@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from bonedamage.learn import models
+from bonedamage.learn.checkpoint import save_checkpoint
 from bonedamage.learn.models import WeightsError
 from conftest import RunsCode
 
@@ -112,7 +113,12 @@ def test_resnets_take_one_channel(arch: str) -> None:
     assert model.conv1.in_channels == 1 and model.conv1.bias is None
     assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
     assert models.gradcam_target_layer(model) is model.layer4[-1]
-    assert models.pretext_model(arch).fc.out_features == 4
+    rotation = models.pretrained_model(arch, models.DEFAULT_STEM, 1, head_classes=4)
+    assert rotation.fc.out_features == 4 and rotation.conv1.stride == (2, 2)
+    simsiam = models.pretrained_model(arch, models.DEFAULT_STEM, 1, head_classes=0).eval()
+    assert isinstance(simsiam.fc, nn.Identity)
+    with torch.no_grad():  # the pooled features themselves: 512 (resnet18) or 2048 wide
+        assert simsiam(torch.zeros(2, 1, 32, 32)).shape == (2, 512 if arch == "resnet18" else 2048)
 
 
 def first_block_size(model: torch.nn.Module, px: int) -> tuple[int, int]:
@@ -130,7 +136,7 @@ def test_fine_stem_keeps_twice_the_resolution_and_takes_imagenet_weights(
     assert first_block_size(models.build_resnet("resnet18"), 64) == (16, 16)
     fine = models.build_resnet("resnet18", stem="fine")
     assert fine.conv1.stride == (1, 1) and first_block_size(fine, 64) == (32, 32)
-    assert models.pretext_model("resnet18", "fine").conv1.stride == (1, 1)
+    assert models.pretrained_model("resnet18", "fine", 1, 4).conv1.stride == (1, 1)
     state = imagenet_like(tmp_path / "w.pth")  # same weight shapes: ImageNet weights fit
     model = models.resnet_from_init(
         "resnet18", "imagenet", weights_path=tmp_path / "w.pth", stem="fine"
@@ -157,10 +163,15 @@ def test_build_module_rebuilds_a_saved_model_from_its_sidecar(tmp_path: Path) ->
         models.build_module({"kind": "resnet", "arch": "resnet50"}, tmp_path / "r.pt")
     cnn = models.build_module({"kind": "cnn", "arch": ARCH})
     assert isinstance(cnn, models.CNN)
-    pretext = models.build_module({"kind": "pretext", "arch": "resnet18", "stem": "fine"})
-    assert pretext.fc.out_features == 4 and pretext.conv1.stride == (1, 1)
-    with pytest.raises(WeightsError, match="kind 'vit'"):
-        models.build_module({"kind": "vit", "arch": "vit_b_16"})
+    meta = {"kind": "pretrained", "arch": "resnet18", "stem": "fine", "in_channels": 3}
+    procedural = models.build_module({**meta, "head_classes": 7})
+    assert procedural.fc.out_features == 7 and procedural.conv1.stride == (1, 1)
+    assert procedural.conv1.in_channels == 3
+    assert isinstance(models.build_module({**meta, "head_classes": 0}).fc, nn.Identity)
+    assert isinstance(models.build_module(meta).fc, nn.Identity)  # no head: a backbone
+    for kind in ("vit", "pretext"):  # the rotation pretext of old is a pretrained kind now
+        with pytest.raises(WeightsError, match=f"kind '{kind}'.*pretrained"):
+            models.build_module({"kind": kind, "arch": "resnet18"})
 
 
 def test_an_ensemble_is_the_mean_probability_of_its_members(tmp_path: Path) -> None:
@@ -191,13 +202,68 @@ def test_an_ensemble_is_the_mean_probability_of_its_members(tmp_path: Path) -> N
         models.Ensemble(members[:1])
 
 
-def test_pretext_weights_of_another_stem_are_refused(tmp_path: Path) -> None:
-    """A stride-2 backbone fits a stride-1 stem shape for shape: only the sidecar tells."""
-    torch.save(models.pretext_model("resnet18").state_dict(), tmp_path / "p.pt")
-    (tmp_path / "p.json").write_text(json.dumps({"kind": "pretext", "arch": "resnet18"}))
-    models.resnet_from_init("resnet18", "pretext", pretext_path=tmp_path / "p.pt")
-    with pytest.raises(WeightsError, match=r"p\.pt: pretrained as resnet18 with stem 'imagenet'"):
-        models.resnet_from_init("resnet18", "pretext", pretext_path=tmp_path / "p.pt", stem="fine")
+HEADS = {"procedural": 7, "simsiam": 0, "rotation": 4}  # the pretraining tasks' outputs
+
+
+def save_pretrained(
+    path: Path, method: str, arch: str = "resnet18", stem: str = "imagenet", channels: int = 1
+) -> nn.Module:
+    """A backbone pretrained by ``method`` (seeded random weights, some set to known
+    values) and its sidecar, as the pretrain stage saves them."""
+    torch.manual_seed(1)
+    model = models.pretrained_model(arch, stem, channels, HEADS[method])
+    with torch.no_grad():
+        model.layer2[1].conv1.weight.fill_(0.5)
+        model.bn1.running_mean.fill_(0.25)
+    meta = {"kind": "pretrained", "method": method, "arch": arch, "stem": stem}
+    save_checkpoint(path, model, meta | {"in_channels": channels, "head_classes": HEADS[method]})
+    return model
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "init", "arch", "stem", "refusal"),
+    [
+        ({}, "simsiam", "resnet18", "imagenet", r"by 'rotation' .* not by 'simsiam'"),
+        ({}, "rotation", "resnet18", "fine", r"with stem 'imagenet' .* with stem 'fine'"),
+        ({"arch": "resnet50"}, "rotation", "resnet18", "imagenet", r"as resnet50 .* is resnet18"),
+        ({"stem": "fine"}, "rotation", "resnet18", "imagenet", r"stem 'fine' .* stem 'imagenet'"),
+        ({"method": None}, "rotation", "resnet18", "imagenet", r"by None .* not by 'rotation'"),
+    ],
+)
+def test_a_backbone_whose_sidecar_names_another_method_arch_or_stem_is_refused(
+    tmp_path: Path, sidecar: dict, init: str, arch: str, stem: str, refusal: str
+) -> None:
+    """A stride-2 backbone fits a stride-1 stem shape for shape, and a backbone of one
+    method loads as another's: only the sidecar tells."""
+    path = tmp_path / "rotation.pt"
+    save_pretrained(path, "rotation")
+    models.resnet_from_init("resnet18", "rotation", pretrained_path=path)  # as saved: loads
+    meta = json.loads(path.with_suffix(".json").read_text()) | sidecar
+    path.with_suffix(".json").write_text(
+        json.dumps({k: v for k, v in meta.items() if v is not None})
+    )
+    with pytest.raises(WeightsError, match=rf"rotation\.pt: .*{refusal}"):
+        models.resnet_from_init(arch, init, pretrained_path=path, stem=stem)
+
+
+def test_a_backbone_without_its_sidecar_is_refused(tmp_path: Path) -> None:
+    save_pretrained(tmp_path / "procedural.pt", "procedural")
+    (tmp_path / "procedural.json").unlink()
+    with pytest.raises(WeightsError, match=r"procedural\.pt: no sidecar procedural\.json"):
+        models.resnet_from_init(
+            "resnet18", "procedural", pretrained_path=tmp_path / "procedural.pt"
+        )
+
+
+@pytest.mark.parametrize("method", ["procedural", "simsiam", "rotation"])
+def test_a_missing_backbone_is_refused_naming_the_stage_that_makes_it(
+    tmp_path: Path, method: str
+) -> None:
+    for path in (None, tmp_path / f"{method}.pt"):
+        with pytest.raises(WeightsError, match=rf"{method} pretrained weights not found at"):
+            models.resnet_from_init("resnet18", method, pretrained_path=path)
+    with pytest.raises(WeightsError, match=rf"--method {method}"):
+        models.resnet_from_init("resnet18", method, pretrained_path=tmp_path / f"{method}.pt")
 
 
 def imagenet_like(path: Path) -> dict[str, torch.Tensor]:
@@ -265,7 +331,7 @@ def test_25d_models_take_three_planes(tmp_path: Path, hub_dir: Path) -> None:
         models.build_module({"kind": "cnn", "arch": ARCH}, tmp_path / "c.pt")
     with pytest.raises(ValueError, match="in_channels 0"):
         models.build_cnn(ARCH, 0)
-    assert models.pretext_model("resnet18", in_channels=3).conv1.in_channels == 3
+    assert models.pretrained_model("resnet18", "imagenet", 3, 0).conv1.in_channels == 3
     state = imagenet_like(tmp_path / "w.pth")
     three = models.resnet_from_init(
         "resnet18", "imagenet", weights_path=tmp_path / "w.pth", in_channels=3
@@ -278,28 +344,57 @@ def test_25d_models_take_three_planes(tmp_path: Path, hub_dir: Path) -> None:
         torch.testing.assert_close(three.conv1(plane.repeat(1, 3, 1, 1)), grey.conv1(plane))
 
 
-def test_pretext_init_takes_the_backbone_and_a_fresh_head(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    pretext = models.pretext_model("resnet18")
+@pytest.mark.parametrize(
+    ("method", "stem"), [("procedural", "imagenet"), ("simsiam", "fine"), ("rotation", "imagenet")]
+)
+def test_each_pretrained_init_takes_the_backbone_and_a_fresh_head(
+    tmp_path: Path, method: str, stem: str
+) -> None:
+    path = tmp_path / f"{method}.pt"
+    backbone = save_pretrained(path, method, stem=stem, channels=3)
+    torch.manual_seed(5)
+    model = models.resnet_from_init(
+        "resnet18", method, pretrained_path=path, stem=stem, in_channels=3
+    )
+    backbone_keys = {k for k in backbone.state_dict() if not k.startswith("fc.")}
+    assert backbone_keys == {k for k in model.state_dict() if not k.startswith("fc.")}
+    for key in backbone_keys:
+        assert torch.equal(model.state_dict()[key], backbone.state_dict()[key]), key
+    assert model.conv1.stride == ((1, 1) if stem == "fine" else (2, 2))
+    assert model.fc.weight.shape == (2, 512)  # the classifier's own head, not the task's
+    torch.manual_seed(5)
+    fresh = models.build_resnet("resnet18", stem=stem, in_channels=3)
+    assert torch.equal(model.fc.weight, fresh.fc.weight)  # as a scratch head is drawn
+    assert not torch.equal(model.layer2[1].conv1.weight, fresh.layer2[1].conv1.weight)
+
+
+def test_a_backbone_of_three_planes_fits_one_plane_tiles_and_back(tmp_path: Path) -> None:
+    """2.5-D pretraining, 2-D fine-tuning (and the converse): the first convolution is
+    adapted as ImageNet's is, so a plane repeated over the channels gives the same response."""
+    three = save_pretrained(tmp_path / "three" / "simsiam.pt", "simsiam", channels=3).eval()
+    one = models.resnet_from_init(
+        "resnet18", "simsiam", pretrained_path=tmp_path / "three" / "simsiam.pt"
+    ).eval()
+    assert one.conv1.weight.shape == (64, 1, 7, 7)
+    torch.testing.assert_close(one.conv1.weight, three.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(one.layer2[1].conv1.weight, three.layer2[1].conv1.weight)
+    plane = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
-        pretext.layer2[1].conv1.weight.fill_(0.5)
-        pretext.conv1.weight.fill_(-0.5)
-    torch.save(pretext.state_dict(), tmp_path / "p.pt")
-    model = models.resnet_from_init("resnet18", "pretext", pretext_path=tmp_path / "p.pt")
-    for key, value in pretext.state_dict().items():
-        if not key.startswith("fc."):
-            assert torch.equal(model.state_dict()[key], value), key
-    assert model.fc.weight.shape == (2, 512)
-    for path in (None, tmp_path / "none.pt"):
-        with pytest.raises(WeightsError, match="pretrain"):
-            models.resnet_from_init("resnet18", "pretext", pretext_path=path)
+        torch.testing.assert_close(one.conv1(plane), three.conv1(plane.repeat(1, 3, 1, 1)))
+    grey = save_pretrained(tmp_path / "one" / "rotation.pt", "rotation", channels=1).eval()
+    spread = models.resnet_from_init(
+        "resnet18", "rotation", pretrained_path=tmp_path / "one" / "rotation.pt", in_channels=3
+    ).eval()
+    assert spread.conv1.weight.shape == (64, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(spread.conv1(plane.repeat(1, 3, 1, 1)), grey.conv1(plane))
 
 
 def test_scratch_init_and_unknown_names() -> None:
     torch.manual_seed(2)
     model = models.resnet_from_init("resnet18", "scratch")
     assert model.conv1.in_channels == 1 and model.fc.out_features == 2
-    with pytest.raises(ValueError, match=r"init 'nope'.*pretext"):
+    with pytest.raises(ValueError, match=r"init 'nope'.*'procedural', 'simsiam', 'rotation'"):
         models.resnet_from_init("resnet18", "nope")
     with pytest.raises(ValueError, match=r"arch 'vgg16'.*resnet50"):
         models.build_resnet("vgg16")

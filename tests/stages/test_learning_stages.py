@@ -1,5 +1,5 @@
-"""The tracked learning stages end to end on a tiny dataset: search, train_cnn, pretrain,
-train_resnet and evaluate (stages/)."""
+"""The tracked learning stages end to end on a tiny dataset: search, train_cnn, corpus,
+pretrain, train_resnet and evaluate (stages/)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 
 from bonedamage.learn.checkpoint import load_checkpoint
 from bonedamage.learn.models import Ensemble
+from bonedamage.learn.pretraining import METHODS
 from bonedamage.learn.train import numerics_platform, resolve_device
 from bonedamage.lifecycle import tracking
+from bonedamage.stages.corpus import run_corpus
 from bonedamage.stages.evaluate import run_evaluate
 from bonedamage.stages.pretrain import run_pretrain
 from bonedamage.stages.search import run_search
@@ -31,29 +33,33 @@ def trained(learn_data, learn_params, tmp_path_factory) -> tuple[Path, dict]:
         "mlflow": store,
         "search": {**learn_params["search"], "storage": str(tmp / "s.journal")},
         "train_cnn": {**learn_params["train_cnn"], "ensemble": 2},  # the ensemble path
+        "pretrain": {**learn_params["pretrain"], "methods": list(METHODS)},
+        "resnet": {**learn_params["resnet"], "inits": [*METHODS, "scratch"]},
     }
     path = write_params(tmp / "params.yaml", params)
     search = tmp / "models" / "trabecular" / "cnn_search.json"
     assert run_search(path, "trabecular", *learn_data, out=search, reports=tmp / "rep") == 0
-    for stage in (run_train_cnn, run_pretrain, run_train_resnet):
-        assert stage(path, "trabecular", *learn_data, models=tmp / "models") == 0
+    assert run_train_cnn(path, "trabecular", *learn_data, models=tmp / "models") == 0
+    assert run_corpus(path, out=tmp / "corpus", progress=False) == 0
+    for method in METHODS:
+        out = tmp / "models" / "pretrained" / f"{method}.pt"
+        assert run_pretrain(path, method, *learn_data, corpus=tmp / "corpus", out=out) == 0
+    assert run_train_resnet(path, "trabecular", *learn_data, models=tmp / "models") == 0
     return tmp, params
 
 
 def test_stage_outputs_are_weights_only_state_dicts_with_sidecars(trained) -> None:
     tmp, params = trained
     models = tmp / "models" / "trabecular"
-    for name in (
-        "cnn",
-        "cnn_leaky",
-        "pretext",
-        *(f"resnet/resnet_{i}" for i in params["resnet"]["inits"]),
-    ):
+    for name in ("cnn", "cnn_leaky", *(f"resnet/resnet_{i}" for i in params["resnet"]["inits"])):
         assert (models / f"{name}.pt").is_file()
         meta = json.loads((models / f"{name}.json").read_text())
-        assert meta["kind"] in ("cnn", "pretext", "resnet")
-    model = load_checkpoint(models / "resnet" / "resnet_pretext.pt")
-    assert model.fc.out_features == 2
+        assert meta["kind"] in ("cnn", "resnet")
+    for method in METHODS:
+        model = load_checkpoint(models / "resnet" / f"resnet_{method}.pt")
+        assert model.fc.out_features == 2
+        meta = json.loads((tmp / "models" / "pretrained" / f"{method}.json").read_text())
+        assert (meta["kind"], meta["method"], meta["in_channels"]) == ("pretrained", method, 3)
 
 
 def test_the_cnns_are_ensembles_of_cnn_ensemble_members(trained) -> None:
@@ -88,23 +94,25 @@ def test_the_cnns_are_ensembles_of_cnn_ensemble_members(trained) -> None:
             )
 
 
-def test_the_fine_stem_goes_from_pretext_to_the_saved_resnet(trained, learn_data) -> None:
-    """resnet.stem reaches the pretext model, the fine-tuned ResNets, their sidecars and
-    MLflow params, and load_checkpoint rebuilds a stride-1 first convolution from the sidecar."""
+def test_the_fine_stem_goes_from_pretraining_to_the_saved_resnet(trained, learn_data) -> None:
+    """resnet.stem reaches the pretrained backbone, the fine-tuned ResNets, their sidecars
+    and MLflow params, and load_checkpoint rebuilds a stride-1 first convolution from the
+    sidecar."""
     tmp, params = trained
-    params = {**params, "resnet": {**params["resnet"], "stem": "fine", "inits": ["pretext"]}}
+    params = {**params, "resnet": {**params["resnet"], "stem": "fine", "inits": ["rotation"]}}
     path = write_params(tmp / "fine.yaml", params)
-    for stage in (run_pretrain, run_train_resnet):
-        assert stage(path, "trabecular", *learn_data, models=tmp / "fine") == 0
+    out = tmp / "fine" / "pretrained" / "rotation.pt"
+    assert run_pretrain(path, "rotation", *learn_data, corpus=tmp / "corpus", out=out) == 0
+    assert run_train_resnet(path, "trabecular", *learn_data, models=tmp / "fine") == 0
     models = tmp / "fine" / "trabecular"
-    for name in ("pretext", "resnet/resnet_pretext"):
-        assert json.loads((models / f"{name}.json").read_text())["stem"] == "fine"
-    assert load_checkpoint(models / "resnet" / "resnet_pretext.pt").conv1.stride == (1, 1)
+    assert json.loads(out.with_suffix(".json").read_text())["stem"] == "fine"
+    assert json.loads((models / "resnet/resnet_rotation.json").read_text())["stem"] == "fine"
+    assert load_checkpoint(models / "resnet" / "resnet_rotation.pt").conv1.stride == (1, 1)
     run = mlflow.search_runs(
         filter_string="tags.stage = 'train_resnet'", order_by=["start_time DESC"], max_results=1
     ).iloc[0]
     assert run["params.stem"] == "fine"
-    old = load_checkpoint(tmp / "models" / "trabecular" / "resnet" / "resnet_pretext.pt")
+    old = load_checkpoint(tmp / "models" / "trabecular" / "resnet" / "resnet_rotation.pt")
     assert old.conv1.stride == (2, 2)  # the default stem: imagenet
 
 

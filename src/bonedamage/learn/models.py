@@ -7,9 +7,9 @@ the search space of the architecture study, so every knob is a key of ``arch``.
 
 ``resnet_from_init`` builds torchvision's ResNet with a one-channel first convolution (three
 for 2.5-D tiles) for
-the three initialisations compared by Shen et al. (2021): ImageNet weights (transfer
-learning), weights from the project's own self-supervised pretext task (rotation
-prediction, :func:`pretext_model`), and random weights (scratch).
+the initialisations compared: ImageNet weights (transfer learning, as Shen et al. (2021)),
+the project's own pretrained backbones (``procedural``, ``simsiam``, ``rotation``: the
+``pretrain`` stage, :mod:`bonedamage.learn.pretraining`), and random weights (scratch).
 
 Offline weights policy: ImageNet weights are only ever read from a file
 (``resnet.weights_path`` in ``params.yaml`` or torchvision's cache under
@@ -37,13 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from bonedamage.config import ConfigError, ResnetSection
+from bonedamage.config import PRETRAIN_METHODS, ConfigError, ResnetSection
 
 RESNET_ARCHS = ("resnet18", "resnet50")
 RESNET_STEMS = ("imagenet", "fine")
 # params resnet.stem left out: torchvision's own stride-2 first convolution
 DEFAULT_STEM: str = ResnetSection.model_fields["stem"].default
-INITS = ("imagenet", "pretext", "scratch")
+PRETRAINED: tuple[str, ...] = PRETRAIN_METHODS  # the pretrain stage's methods
+INITS = ("imagenet", *PRETRAINED, "scratch")
 _IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}
 _WRAPPER_KEYS = ("state_dict", "model")  # common checkpoint formats: {"state_dict": {...}, ...}
 
@@ -232,11 +233,13 @@ def build_resnet(
     return model
 
 
-def pretext_model(
-    arch: str = "resnet18", stem: str = DEFAULT_STEM, in_channels: int = 1
-) -> nn.Module:
-    """The ResNet with a 4-way head: rotation prediction (0, 90, 180, 270 degrees)."""
-    return build_resnet(arch, num_classes=4, stem=stem, in_channels=in_channels)
+def pretrained_model(arch: str, stem: str, in_channels: int, head_classes: int) -> nn.Module:
+    """The ResNet a pretraining method trains: ``head_classes`` outputs (the procedural
+    task's classes, 4 rotations), or none (``fc`` an identity: SimSiam's backbone)."""
+    model = build_resnet(arch, max(head_classes, 1), stem=stem, in_channels=in_channels)
+    if head_classes == 0:
+        model.fc = nn.Identity()
+    return model
 
 
 def _load_error_detail(exc: Exception) -> str:
@@ -304,12 +307,14 @@ def build_module(meta: Mapping[str, Any], weights: str | Path | None = None) -> 
         model: nn.Module = Ensemble([build_cnn(meta["arch"], channels) for _ in range(members)])
     elif kind == "cnn":
         model = build_cnn(meta["arch"], channels)
-    elif kind in ("resnet", "pretext"):
-        classes = 4 if kind == "pretext" else 2  # pretext: the rotation head
+    elif kind == "resnet":
         stem = meta.get("stem", DEFAULT_STEM)
-        model = build_resnet(meta["arch"], classes, stem=stem, in_channels=channels)
+        model = build_resnet(meta["arch"], 2, stem=stem, in_channels=channels)
+    elif kind == "pretrained":
+        stem = meta.get("stem", DEFAULT_STEM)
+        model = pretrained_model(meta["arch"], stem, channels, int(meta.get("head_classes", 0)))
     else:
-        raise WeightsError(f"model kind {kind!r} is unknown: expected cnn, resnet or pretext")
+        raise WeightsError(f"model kind {kind!r} is unknown: expected cnn, resnet or pretrained")
     if weights is None:
         return model
     model.load_state_dict(load_state_dict_file(weights))
@@ -396,18 +401,20 @@ def resnet_from_init(
     init: str,
     num_classes: int = 2,
     weights_path: str | Path | None = None,
-    pretext_path: str | Path | None = None,
+    pretrained_path: str | Path | None = None,
     stem: str = DEFAULT_STEM,
     in_channels: int = 1,
 ) -> nn.Module:
-    """A ResNet classifier of ``in_channels`` input channels initialised from ImageNet, the
-    pretext task, or at random.
+    """A ResNet classifier of ``in_channels`` input channels initialised from ImageNet, a
+    pretraining method of the ``pretrain`` stage, or at random.
 
     ``imagenet``: :func:`imagenet_state_dict` (``weights_path`` or the torch cache), first
-    conv summed to one channel, everything but ``fc`` loaded strictly. ``pretext``: the
-    backbone of a state dict saved from :func:`pretext_model` (``pretext_path``).
-    ``scratch``: torch's default random init (seeding is the caller's job). The ``fc``
-    head is always fresh; ``stem`` as in :func:`build_resnet`.
+    conv summed to one channel, everything but ``fc`` loaded strictly. ``procedural``,
+    ``simsiam``, ``rotation``: the backbone saved by that method (``pretrained_path``; its
+    sidecar must name the method, ``arch`` and ``stem``), its first conv adapted as
+    ImageNet's when the tiles have another number of channels. ``scratch``: torch's default
+    random init (seeding is the caller's job). The ``fc`` head is always fresh; ``stem`` as
+    in :func:`build_resnet`.
     """
     if init not in INITS:
         raise ValueError(f"resnet init {init!r} is unknown: choose from {list(INITS)}")
@@ -420,30 +427,41 @@ def resnet_from_init(
         except WeightsError as exc:
             raise WeightsError(f"{source}: {exc}") from exc
         _load_backbone(model, state, source)
-    elif init == "pretext":
-        if pretext_path is None or not Path(pretext_path).is_file():
+    elif init in PRETRAINED:
+        if pretrained_path is None or not Path(pretrained_path).is_file():
             raise WeightsError(
-                f"pretext weights not found at {pretext_path}: run the `pretrain` stage first "
-                "(dvc repro pretrain, or bonedamage pretrain --tissue ...)"
+                f"{init} pretrained weights not found at {pretrained_path}: run the pretrain "
+                f"stage first (dvc repro pretrain@{init}, or bonedamage pretrain --method "
+                f"{init}), with {init} in params.yaml pretrain.methods"
             )
-        _check_pretext_sidecar(Path(pretext_path), arch, stem)
-        _load_backbone(model, load_state_dict_file(pretext_path), str(pretext_path))
+        _check_pretrained_sidecar(Path(pretrained_path), init, arch, stem)
+        state = load_state_dict_file(pretrained_path)
+        first = state.get("conv1.weight")
+        if first is not None and first.ndim == 4 and first.shape[1] != in_channels:
+            state = adapt_first_conv(state, in_channels=in_channels)
+        _load_backbone(model, state, str(pretrained_path))
     return model
 
 
-def _check_pretext_sidecar(path: Path, arch: str, stem: str) -> None:
-    """Refuse pretext weights whose sidecar names another arch or stem: a stride-2 backbone
-    loads into a stride-1 stem without a shape error, so only the sidecar can tell."""
+def _check_pretrained_sidecar(path: Path, method: str, arch: str, stem: str) -> None:
+    """Refuse pretrained weights whose sidecar names another method, arch or stem: a
+    stride-2 backbone loads into a stride-1 stem without a shape error, so only the
+    sidecar can tell."""
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
-        return
+        raise WeightsError(f"{path}: no sidecar {sidecar.name} saying how it was pretrained")
     meta = json.loads(sidecar.read_text())
-    found = (meta.get("arch", arch), meta.get("stem", DEFAULT_STEM))
-    if found != (arch, stem):
+    found = (meta.get("method"), meta.get("arch"), meta.get("stem", DEFAULT_STEM))
+    if found[0] != method:
         raise WeightsError(
-            f"{path}: pretrained as {found[0]} with stem {found[1]!r} ({sidecar.name}), but "
-            f"the ResNet is {arch} with stem {stem!r}: re-run the pretrain stage "
-            "(dvc repro pretrain) after changing resnet.arch or resnet.stem"
+            f"{path}: holds the backbone pretrained by {found[0]!r} ({sidecar.name}), not by "
+            f"{method!r}: re-run the pretrain stage (dvc repro pretrain@{method})"
+        )
+    if found[1:] != (arch, stem):
+        raise WeightsError(
+            f"{path}: pretrained as {found[1]} with stem {found[2]!r} ({sidecar.name}), but "
+            f"the ResNet is {arch} with stem {stem!r}: re-run the pretrain stage (dvc repro "
+            "pretrain) after changing resnet.arch or resnet.stem"
         )
 
 

@@ -128,17 +128,18 @@ def train_resnet(
     loop: TrainConfig,
     augment_cfg: dict[str, Any],
     *,
-    pretext_path: Path | None = None,
+    pretrained_path: Path | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, FitResult]:
-    """Fine-tune a ResNet (``init``: imagenet, pretext or scratch) on the grouped split with
-    the optimisation settings ``loop``; ``resnet_cfg`` is params ``resnet``."""
+    """Fine-tune a ResNet (``init``: imagenet, a pretraining method with its weights at
+    ``pretrained_path``, or scratch) on the grouped split with the optimisation settings
+    ``loop``; ``resnet_cfg`` is params ``resnet``."""
     seed_everything(loop.seed, loop.threads)
     model = resnet_from_init(
         resnet_cfg["arch"],
         init,
         weights_path=resnet_cfg["weights_path"],
-        pretext_path=pretext_path,
+        pretrained_path=pretrained_path,
         stem=resnet_cfg["stem"],
         in_channels=store.channels(tissue),
     )

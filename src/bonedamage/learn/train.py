@@ -1,7 +1,7 @@
 """Training loop: AdamW, cross-entropy, early stopping on validation balanced accuracy.
 
 One loop serves the Optuna trials, the final CNN, the ResNet fine-tuning and the
-rotation pretext task. It runs on a GPU when there is one (``device: auto``) with mixed
+classification pretraining tasks. It runs on a GPU when there is one (``device: auto``) with mixed
 precision there, and on the CPU otherwise, where a fixed seed, deterministic algorithms
 and a fixed thread count give the same weights and metrics on every run. Callbacks let
 the caller prune (Optuna), log (MLflow) or change what trains (a freeze schedule)

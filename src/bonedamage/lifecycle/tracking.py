@@ -37,6 +37,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from bonedamage.atomic import pid_alive, require_sqlite
+from bonedamage.config import PRETRAIN_METHODS
 
 if TYPE_CHECKING:
     from bonedamage.lifecycle.registry import Candidate
@@ -254,7 +255,7 @@ def training_run(tissue: str, cand: Candidate) -> str | None:
     match), if the store has it: weights pulled by DVC or trained elsewhere have none."""
     if cand.architecture == "cnn":
         where = "tags.stage = 'train_cnn' and tags.scheme = 'grouped'"
-    elif cand.meta.get("init") in ("imagenet", "pretext", "scratch"):
+    elif cand.meta.get("init") in ("imagenet", *PRETRAIN_METHODS, "scratch"):
         where = f"tags.stage = 'train_resnet' and tags.init = '{cand.meta['init']}'"
     else:
         return None

@@ -1,71 +1,77 @@
-"""Pretrain the ResNet backbone of a tissue (``pretrain``) without labels: it learns to tell by
-how many quarter turns a train-split tile was rotated, so that transfer learning starts from
-features of these images when no ImageNet weights are at hand. Tracked in MLflow (params
-mlflow; MLFLOW_TRACKING_URI overrides). Data-parallel on several processes or GPUs (rank 0
-alone tracks and writes; the batch size stays the global one): ``torchrun --standalone
---nproc-per-node 2 -m bonedamage pretrain --tissue cortical`` (docs/scale-out.md)."""
+"""Pretrain the ResNet backbone by one method of params ``pretrain.methods`` (``pretrain``):
+``procedural`` (the generated corpus, one class per generated scan), ``simsiam``
+(self-supervised) or ``rotation`` (which quarter turn), the last two on the corpus and the
+train split of every tissue, never a test or validation specimen. One backbone serves
+every tissue: ``models/pretrained/<method>.pt`` and its sidecar, which ``train_resnet``
+fine-tunes. Tracked in MLflow (params mlflow; MLFLOW_TRACKING_URI overrides).
+Data-parallel on several processes or GPUs (rank 0 alone tracks and writes):
+``torchrun --standalone --nproc-per-node 2 -m bonedamage pretrain --method procedural``
+(docs/scale-out.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bonedamage.config import require_tissue, stage_params
+from bonedamage.atomic import require
+from bonedamage.config import PRETRAINED_FOLDER, ConfigError, stage_params
+from bonedamage.data.corpus import TILES_DIR
 from bonedamage.data.tilestore import require_tables
 
-PARAMS = ("pipeline", "mlflow", "train", "resnet")
+PARAMS = ("pipeline", "mlflow", "train", "augment", "pretrain", "resnet")
 
 
 def run_pretrain(
     params: Path,
-    tissue: str,
+    method: str,
     tiles: Path | None = None,
     splits: Path | None = None,
-    models: Path | None = None,
+    corpus: Path | None = None,
+    out: Path | None = None,
 ) -> int:
-    """Rotation-prediction pretraining of the ResNet backbone on train-split tiles."""
+    """Pretrain one backbone by ``method`` and save it for the ResNets of every tissue."""
     cfg = stage_params(params, PARAMS)
-    require_tissue(tissue, cfg.pipeline)
+    if method not in cfg.pretrain.methods:
+        raise ConfigError(
+            f"pretrain method {method!r}: not in params pretrain.methods {cfg.pretrain.methods}"
+        )
     paths = cfg.pipeline.paths
     tiles, splits = Path(tiles or paths.tiles), Path(splits or paths.splits)
-    out = Path(models or paths.models) / tissue / "pretext.pt"
+    corpus_tiles = Path(corpus or paths.corpus) / TILES_DIR
+    out = Path(out or Path(paths.models) / PRETRAINED_FOLDER / f"{method}.pt")
     require_tables(tiles, splits)
+    require(corpus_tiles, "pretraining corpus tiles: dvc repro corpus", folder=True)
 
-    import pandas as pd
-
-    from bonedamage.data.tilestore import TileStore
     from bonedamage.learn.checkpoint import save_checkpoint
-    from bonedamage.learn.datasets import TileDataset, split_rows
     from bonedamage.learn.distributed import print_once
-    from bonedamage.learn.models import pretext_model
-    from bonedamage.learn.pretext import pretrain
-    from bonedamage.learn.train import TrainConfig, seed_everything
+    from bonedamage.learn.pretraining import pretrain_backbone
+    from bonedamage.learn.train import TrainConfig
     from bonedamage.lifecycle.tracking import log_history
     from bonedamage.lifecycle.training_runs import stage_run, training_session
 
-    resnet = cfg.resnet
-    epochs = resnet.pretext_epochs
+    pre, resnet = cfg.pretrain.model_dump(), cfg.resnet
     loop = TrainConfig.from_params(
-        cfg.train.model_dump(), epochs=epochs, patience=epochs, lr=resnet.lr,
-        weight_decay=resnet.weight_decay, batch_size=resnet.batch_size,
+        cfg.train.model_dump(), epochs=pre["epochs"], patience=pre["epochs"], lr=pre["lr"],
+        weight_decay=pre["weight_decay"], batch_size=pre["batch_size"],
         channels_last=resnet.channels_last,
     )  # fmt: skip
+    logged = {"method": method, "arch": resnet.arch, "stem": resnet.stem, "epochs": pre["epochs"]}
+    logged |= {k: pre[k] for k in ("batch_size", "weight_decay", "augment_strength")}
+    logged |= {"lr_schedule": loop.lr_schedule, "channels_last": loop.channels_last}
+    logged |= (
+        {f"simsiam.{k}": v for k, v in pre["simsiam"].items()}
+        if method == "simsiam"
+        else {"lr": pre["lr"], "val_fraction": pre["val_fraction"]}
+    )
     with training_session(loop.device, cfg.mlflow.model_dump()):
-        seed_everything(loop.seed, loop.threads)
-        store, table = TileStore(tiles), pd.read_parquet(splits)
-        channels = store.channels(tissue)
-        model = pretext_model(resnet.arch, resnet.stem, channels)
-        train = TileDataset(store, *split_rows(store, table, tissue, "grouped", "train"))
-        val = TileDataset(store, *split_rows(store, table, tissue, "grouped", "val"))
-        logged = {"arch": resnet.arch, "stem": resnet.stem, "task": "rotation", "epochs": epochs}
-        logged |= {"lr_schedule": loop.lr_schedule, "channels_last": loop.channels_last}
         with stage_run(
-            f"pretext-{tissue}", {"stage": "pretrain", "tissue": tissue}, logged
+            f"pretrain-{method}", {"stage": "pretrain", "method": method}, logged
         ) as tracks:
-            result = pretrain(model, train, val, loop)
+            model, result = pretrain_backbone(
+                method, corpus_tiles, tiles, splits, cfg.pipeline.tissues, resnet.arch,
+                resnet.stem, pre, loop, cfg.augment.model_dump(),
+            )  # fmt: skip
             if tracks:
                 log_history(result.history)
-                meta = {"kind": "pretext", "arch": resnet.arch, "stem": resnet.stem}
-                meta |= {"task": "rotation", "in_channels": channels}
-                save_checkpoint(out, model, meta | {"val_balanced_accuracy": result.best_score})
-        print_once(f"{tissue}: rotation task val balanced accuracy {result.best_score:.4f}")
+                save_checkpoint(out, model, result.meta)
+        print_once(f"pretrain {method}: {result.summary}")
     return 0

@@ -1,6 +1,7 @@
 """Fine-tune the ResNet of a tissue (``train-resnet``) once per init in params
 ``resnet.inits``: ``imagenet`` (weights from ``resnet.weights_path`` or the torch cache,
-never downloaded), ``pretext`` (the rotation-pretrained backbone) or ``scratch``. Tracked in
+never downloaded), ``procedural``, ``simsiam`` or ``rotation`` (the backbones of the
+``pretrain`` stage, ``models/pretrained/<method>.pt``) or ``scratch``. Tracked in
 MLflow (params mlflow; MLFLOW_TRACKING_URI overrides). Data-parallel on several processes or
 GPUs (rank 0 alone tracks and writes; the batch size stays the global one): ``torchrun
 --standalone --nproc-per-node 2 -m bonedamage train-resnet --tissue cortical``
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonedamage.atomic import require
-from bonedamage.config import require_tissue, stage_params
+from bonedamage.config import PRETRAIN_METHODS, PRETRAINED_FOLDER, require_tissue, stage_params
 from bonedamage.data.tilestore import require_tables
 
 PARAMS = ("pipeline", "mlflow", "train", "augment", "resnet")
@@ -23,16 +24,20 @@ def run_train_resnet(
     tiles: Path | None = None,
     splits: Path | None = None,
     models: Path | None = None,
+    pretrained: Path | None = None,
 ) -> int:
     """Fine-tune one ResNet of a tissue per init in params ``resnet.inits``."""
     cfg = stage_params(params, PARAMS)
     require_tissue(tissue, cfg.pipeline)
     paths = cfg.pipeline.paths
     tiles, splits = Path(tiles or paths.tiles), Path(splits or paths.splits)
+    pretrained = Path(pretrained or Path(models or paths.models) / PRETRAINED_FOLDER)
     models = Path(models or paths.models) / tissue
     require_tables(tiles, splits)
-    if "pretext" in cfg.resnet.inits:
-        require(models / "pretext.pt", "input")
+    for init in cfg.resnet.inits:
+        if init in PRETRAIN_METHODS:
+            what = f"{init} pretrained backbone: dvc repro pretrain@{init}, with {init} in params"
+            require(pretrained / f"{init}.pt", f"{what} pretrain.methods")
 
     import pandas as pd
 
@@ -59,7 +64,7 @@ def run_train_resnet(
             with stage_run(f"resnet_{init}-{tissue}", tags, logged | {"init": init}) as tracks:
                 model, result = train_resnet(
                     store, table, tissue, init, resnet, loop, cfg.augment.model_dump(),
-                    pretext_path=models / "pretext.pt" if init == "pretext" else None,
+                    pretrained_path=pretrained / f"{init}.pt" if init in PRETRAIN_METHODS else None,
                 )  # fmt: skip
                 if tracks:
                     meta = {"kind": "resnet", "arch": resnet["arch"], "stem": resnet["stem"]}

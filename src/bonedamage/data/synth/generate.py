@@ -67,10 +67,13 @@ def generate_dataset(
     force: bool = False,
     inputs: Iterable[Path] = (),
     tissues: Iterable[str] = TISSUES,
+    first_index: int = 0,
 ) -> pd.DataFrame:
     """Generate every specimen of ``cfg`` (the ``synth`` params) into ``out_root``.
 
     ``tissues``: those to generate (a specimen's bytes do not depend on the others).
+    ``first_index``: the generator index of the first specimen of each tissue (its seed
+    and number): specimens ``first_index`` to ``first_index + specimens_per_tissue - 1``.
 
     ``out_root`` is replaced as a whole, atomically. It refuses to replace a data root
     holding ingested (real) scans or anything else synth did not write unless ``force``
@@ -92,7 +95,7 @@ def generate_dataset(
         (tissue, index)
         for tissue in TISSUES
         if tissue in wanted
-        for index in range(cfg["specimens_per_tissue"])
+        for index in range(first_index, first_index + cfg["specimens_per_tissue"])
     ]
     workers = workers or int(cfg["workers"])
     with atomic_dir(out_root, owner="synth", inputs=inputs, force=force) as staging:
